@@ -1,0 +1,607 @@
+"""Dataset readers: one per database, each normalising its annotation table to a common schema.
+
+Every reader returns a `Dataset` whose `table` has one row per clip with the columns of `SCHEMA`.
+Unknown fields stay empty (NaN / ""), never invented. `validate()` then checks the table against
+the frames on disk and says, one line per problem, what is wrong and with which sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .cli import UserError
+
+log = logging.getLogger("mer.data")
+
+SCHEMA = [
+    "dataset", "split", "sample", "subject", "frames_dir", "fps", "onset", "apex", "offset",
+    "emotion", "label", "aus", "start_frame", "end_frame", "row",
+]
+"""Common columns. onset/apex/offset/start_frame/end_frame are frame NUMBERS as in the file
+names (not positions); start/end delimit the clip inside its folder (empty = whole folder);
+`row` is the row's position in its split's annotation table (the submission order)."""
+
+SPLITS = ("train", "test_A", "test_B")
+TEST_SPLITS = ("test_A", "test_B")
+
+DFME_CLASSES = ["anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise"]
+CASME3_CLASSES = {
+    "7class": ["anger", "disgust", "fear", "happiness", "others", "sadness", "surprise"],
+    "3class": ["negative", "positive", "surprise"],
+}
+CASME3_TO_3CLASS = {"anger": "negative", "disgust": "negative", "fear": "negative",
+                    "sadness": "negative", "happiness": "positive", "surprise": "surprise"}
+
+EMOTION_ALIASES = {
+    "anger": ["anger", "angry", "ang", "愤怒", "生气"],
+    "contempt": ["contempt", "contemptuous", "con", "鄙视", "轻蔑"],
+    "disgust": ["disgust", "disgusted", "dis", "厌恶"],
+    "fear": ["fear", "fearful", "afraid", "fea", "恐惧", "害怕"],
+    "happiness": ["happiness", "happy", "hap", "joy", "高兴", "快乐", "开心"],
+    "sadness": ["sadness", "sad", "sadnes", "伤心", "悲伤", "难过"],
+    "surprise": ["surprise", "surprised", "sur", "惊讶"],
+    "others": ["others", "other", "其他"],
+    "negative": ["negative", "neg"],
+    "positive": ["positive", "pos"],
+}
+_EMOTION_LOOKUP = {alias: name for name, aliases in EMOTION_ALIASES.items() for alias in aliases}
+
+COLUMN_ALIASES = {
+    "sample": ["filename", "file", "sample", "samplename", "sampleid", "clip", "clipname", "video",
+               "videoname", "name", "文件名"],
+    "subject": ["subject", "subjectid", "sub", "participant", "person", "被试"],
+    "emotion": ["emotion", "emotionlabel", "estimatedemotion", "emotionname", "expression",
+                "category", "情绪", "表情"],
+    "label": ["emotionid", "emotionlabelid", "labelid", "label", "classid", "class", "emotionclass"],
+    "onset": ["onset", "onsetframe", "onsetf"],
+    "apex": ["apex", "apexframe", "apexf"],
+    "offset": ["offset", "offsetframe", "offsetf"],
+    "fps": ["fps", "framerate", "framespersecond", "rate", "帧率"],
+    "aus": ["au", "aus", "actionunit", "actionunits", "aulabel"],
+    "frames": ["frames", "framesdir", "frames_path", "path", "framespath", "folder", "dir"],
+    "split": ["split", "set", "subset"],
+}
+
+
+def _norm_col(name: object) -> str:
+    return re.sub(r"[\s_\-()（）]+", "", str(name)).lower()
+
+
+def canonical_emotion(value: object) -> str | None:
+    """'Happy', 'HAPPINESS', '高兴' -> 'happiness'; None if unrecognised or empty."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return _EMOTION_LOOKUP.get(str(value).strip().lower())
+
+
+@dataclass
+class Issue:
+    """One problem found in a table or on disk. fatal: stop before any work; skip: drop the row;
+    warn: keep the row, note the problem."""
+
+    level: str
+    split: str
+    sample: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.split}/{self.sample}" if self.sample else self.split
+        return f"[{self.level}] {where}: {self.message}"
+
+
+@dataclass
+class Dataset:
+    """A normalised dataset: the table (SCHEMA columns), its class names in id order, and the
+    problems found while reading it."""
+
+    name: str
+    root: Path
+    table: pd.DataFrame
+    classes: list[str]
+    issues: list[Issue] = field(default_factory=list)
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.table[self.table["split"] == name]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(self.table["split"]))
+
+
+# --------------------------------------------------------------------------- frames on disk
+
+def frame_number(path: str | Path) -> int | None:
+    """The frame number in a file name: '00012.png' -> 12, 'img_12.jpg' -> 12, 'reg_img7' -> 7."""
+    nums = re.findall(r"\d+", Path(path).stem)
+    return int(nums[-1]) if nums else None
+
+
+def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpeg", ".bmp")) -> list[Path]:
+    """Image files of a folder sorted by their frame number (not lexically: 2 < 10)."""
+    exts = {e.lower() for e in exts}
+    folder = Path(folder)
+    files = [
+        Path(e.path) for e in os.scandir(folder)
+        if e.is_file() and Path(e.name).suffix.lower() in exts and frame_number(e.name) is not None
+    ]
+    return sorted(files, key=lambda p: (frame_number(p), p.name))
+
+
+def index_folders(root: Path) -> dict[str, list[Path]]:
+    """Map every folder name under `root` to the folders of that name (samples may be nested)."""
+    index: dict[str, list[Path]] = {}
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for d in dirnames:
+            index.setdefault(d, []).append(Path(dirpath) / d)
+    return index
+
+
+def _find_folder(sample: str, split: str, index: dict[str, list[Path]]) -> tuple[Path | None, str]:
+    """The frame folder of a sample, preferring one under a folder named like its split."""
+    cands = index.get(sample)
+    if not cands and sample.isdigit():  # Excel may have dropped leading zeros from a numeric name
+        cands = [p for k, ps in index.items() if k.isdigit() and int(k) == int(sample) for p in ps]
+    if not cands:
+        return None, f"frame folder not found (no folder named '{sample}' under the root)"
+    if len(cands) == 1:
+        return cands[0], ""
+    hint = _split_pattern(split)
+    preferred = [p for p in cands if any(hint.search(part) for part in p.parts)]
+    if len(preferred) == 1:
+        return preferred[0], ""
+    return None, "several folders have this name: " + ", ".join(str(p) for p in cands)
+
+
+# --------------------------------------------------------------------------- tables
+
+def _split_pattern(split: str) -> re.Pattern:
+    if split == "train":
+        return re.compile(r"train", re.I)
+    letter = split[-1]
+    return re.compile(rf"(test|leaderboard|eval)[\W_]*(data[\W_]*|set[\W_]*)?{letter}(?![a-z])", re.I)
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """An annotation table (.xlsx/.xls/.csv/.tsv) as strings-preserving DataFrame."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
+            df = pd.read_excel(path)
+        elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
+            sep = "\t" if path.suffix.lower() == ".tsv" else None
+            df = pd.read_csv(path, sep=sep, engine="python", encoding="utf-8-sig")
+        else:
+            raise UserError(f"{path}: unsupported table format (use .xlsx or .csv)")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parser failure is the same user problem
+        raise UserError(f"cannot read annotation table {path}: {e}") from None
+    df = df.dropna(how="all")
+    df = df.loc[:, [not str(c).startswith("Unnamed") for c in df.columns]]
+    return df
+
+
+def match_columns(df: pd.DataFrame, required: Iterable[str], where: str) -> dict[str, str]:
+    """Map schema fields to the table's columns by alias, case- and punctuation-insensitively."""
+    normed = {_norm_col(c): c for c in df.columns}
+    found: dict[str, str] = {}
+    for fieldname, aliases in COLUMN_ALIASES.items():
+        for alias in aliases:
+            if alias in normed and normed[alias] not in found.values():
+                found[fieldname] = normed[alias]
+                break
+    missing = [r for r in required if r not in found]
+    if missing:
+        raise UserError(
+            f"{where}: no column for {', '.join(missing)} "
+            f"(accepted names: {'; '.join(f'{m}: ' + '/'.join(COLUMN_ALIASES[m][:6]) for m in missing)}); "
+            f"columns found: {', '.join(map(str, df.columns))}"
+        )
+    return found
+
+
+def _sample_name(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _to_int(value: object) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return np.nan
+    return v if np.isfinite(v) else np.nan
+
+
+def find_tables(root: Path, configured: dict) -> dict[str, Path]:
+    """The annotation table of each split: from the config, else found by file name under root."""
+    tables: dict[str, Path] = {}
+    candidates = [
+        p for p in sorted(root.rglob("*"))
+        if p.suffix.lower() in (".xlsx", ".xls", ".csv") and p.is_file()
+        and not p.name.startswith(("~$", "."))
+        and len(p.relative_to(root).parts) <= 3
+    ]
+    for split in SPLITS:
+        if configured.get(split):
+            p = Path(configured[split])
+            p = p if p.is_absolute() else root / p
+            if not p.is_file():
+                raise UserError(f"data.tables.{split} = {configured[split]}: file not found under {root}")
+            tables[split] = p
+            continue
+        pat = _split_pattern(split)
+        hits = [p for p in candidates if pat.search(p.stem)]
+        if split == "train":
+            hits = [p for p in hits if not _split_pattern("test_A").search(p.stem)
+                    and not _split_pattern("test_B").search(p.stem)]
+        if len(hits) > 1:
+            raise UserError(
+                f"several tables look like the {split} table: {', '.join(str(h) for h in hits)}; "
+                f"choose one with --set data.tables.{split}=PATH"
+            )
+        if hits:
+            tables[split] = hits[0]
+    return tables
+
+
+# --------------------------------------------------------------------------- class maps
+
+def class_map_from_table(names: pd.Series, ids: pd.Series, default: list[str], where: str) -> list[str]:
+    """Class names in id order, derived from a table carrying both names and ids."""
+    pairs = {}
+    for n, i in zip(names, ids):
+        c, v = canonical_emotion(n), _to_int(i)
+        if c is None or c not in default or np.isnan(v) or not 0 <= v < len(default):
+            continue  # rows the class map cannot hold are reported and skipped later
+        if pairs.setdefault(int(v), c) != c:
+            raise UserError(f"{where}: EmotionId {int(v)} is used for both '{pairs[int(v)]}' and '{c}'")
+    by_name = {}
+    for i, c in pairs.items():
+        if by_name.setdefault(c, i) != i:
+            raise UserError(f"{where}: emotion '{c}' has two ids, {by_name[c]} and {i}")
+    classes = list(default)
+    for i, c in pairs.items():
+        classes[i] = c
+    if len(set(classes)) != len(classes):  # the table permuted the default order: fill the rest
+        rest = [c for c in default if c not in pairs.values()]
+        classes = [pairs.get(i) or rest.pop(0) for i in range(len(default))]
+    return classes
+
+
+# --------------------------------------------------------------------------- readers
+
+def _rows_from_table(df: pd.DataFrame, cols: dict[str, str], split: str, dataset: str) -> pd.DataFrame:
+    out = pd.DataFrame({"row": np.arange(len(df))})
+    out["dataset"] = dataset
+    out["split"] = split
+    out["sample"] = [_sample_name(v) for v in df[cols["sample"]]]
+    out["subject"] = [_sample_name(v) for v in df[cols["subject"]]] if "subject" in cols else ""
+    out["subject"] = out["subject"].replace("nan", "")
+    for k in ("fps", "onset", "apex", "offset"):
+        out[k] = [_to_int(v) for v in df[cols[k]]] if k in cols else np.nan
+    out["emotion_raw"] = list(df[cols["emotion"]]) if "emotion" in cols else None
+    out["label_raw"] = list(df[cols["label"]]) if "label" in cols else None
+    out["aus"] = [("" if pd.isna(v) else str(v)) for v in df[cols["aus"]]] if "aus" in cols else ""
+    out["start_frame"] = np.nan
+    out["end_frame"] = np.nan
+    return out
+
+
+def _assign_labels(t: pd.DataFrame, classes: list[str], issues: list[Issue]) -> pd.DataFrame:
+    """Fill emotion (canonical name) and label (id) from whichever of the two the table has."""
+    labels, emotions = [], []
+    for _, r in t.iterrows():
+        name = canonical_emotion(r["emotion_raw"]) if r["emotion_raw"] is not None else None
+        lid = _to_int(r["label_raw"]) if r["label_raw"] is not None else np.nan
+        has_truth = name is not None or not np.isnan(lid) or (
+            r["emotion_raw"] is not None and not pd.isna(r["emotion_raw"]))
+        if not has_truth:
+            labels.append(np.nan)
+            emotions.append("")
+            continue
+        if name is None and r["emotion_raw"] is not None and not pd.isna(r["emotion_raw"]):
+            issues.append(Issue("skip", r["split"], r["sample"],
+                                f"emotion '{r['emotion_raw']}' is not one of {', '.join(classes)} (or a known alias)"))
+            labels.append(np.nan)
+            emotions.append("?")
+            continue
+        if name is not None and name not in classes:
+            issues.append(Issue("skip", r["split"], r["sample"],
+                                f"emotion '{name}' is outside the class map ({', '.join(classes)})"))
+            labels.append(np.nan)
+            emotions.append("?")
+            continue
+        if not np.isnan(lid) and not (0 <= lid < len(classes) and float(lid).is_integer()):
+            issues.append(Issue("skip", r["split"], r["sample"],
+                                f"label {r['label_raw']} is outside the class ids 0..{len(classes) - 1}"))
+            labels.append(np.nan)
+            emotions.append("?")
+            continue
+        label = classes.index(name) if name is not None else int(lid)
+        labels.append(label)
+        emotions.append(classes[label])
+    t = t.copy()
+    t["label"] = pd.array([None if np.isnan(v) else int(v) for v in labels], dtype="Int64")
+    t["emotion"] = emotions
+    return t
+
+
+def _attach_frames(t: pd.DataFrame, root: Path, issues: list[Issue]) -> pd.DataFrame:
+    index = index_folders(root)
+    dirs = []
+    for _, r in t.iterrows():
+        folder, why = _find_folder(r["sample"], r["split"], index)
+        if folder is None:
+            issues.append(Issue("missing", r["split"], r["sample"], why))
+        dirs.append(str(folder) if folder else "")
+    t = t.copy()
+    t["frames_dir"] = dirs
+    return t
+
+
+def read_dfme(root: str | Path, cfg: dict) -> Dataset:
+    """DFME / CCAC 2024: one table per split (xlsx or csv), one frame folder per sample."""
+    root = Path(root)
+    dcfg = cfg["data"]
+    tables = find_tables(root, dcfg.get("tables") or {})
+    if not tables:
+        raise UserError(
+            f"no annotation table found under {root}: expected files whose names contain 'train', "
+            f"'test_A' or 'test_B' (.xlsx or .csv), or set data.tables.<split>=PATH"
+        )
+    default = list(dcfg.get("classes") or DFME_CLASSES)
+    issues: list[Issue] = []
+    parts, classes = [], default
+    for split, path in tables.items():
+        df = read_table(path)
+        cols = match_columns(df, ["sample"] if dcfg.get("fps") else ["sample", "fps"], str(path))
+        if split == "train":
+            if "emotion" not in cols and "label" not in cols:
+                raise UserError(f"{path}: the train table needs an emotion name or EmotionId column; "
+                                f"columns found: {', '.join(map(str, df.columns))}")
+            if "emotion" in cols and "label" in cols and not dcfg.get("classes"):
+                classes = class_map_from_table(df[cols["emotion"]], df[cols["label"]], default, str(path))
+        parts.append(_rows_from_table(df, cols, split, "dfme"))
+    t = pd.concat(parts, ignore_index=True)
+    if dcfg.get("fps"):
+        t["fps"] = t["fps"].fillna(float(dcfg["fps"]))
+    t = _assign_labels(t, classes, issues)
+    t = _attach_frames(t, root, issues)
+    return Dataset("dfme", root, _finish(t), classes, issues)
+
+
+def read_casme3(root: str | Path, cfg: dict) -> Dataset:
+    """CAS(ME)^3 part A: one xlsx for all clips; frames at <Subject>/<Filename>/color/<n>.jpg.
+
+    Every clip is a 'train' row (evaluation is leave-one-subject-out). The clip runs from onset
+    to offset inside the long recording. 3-class protocol: anger/disgust/fear/sadness ->
+    negative, happiness -> positive, surprise; 'others' is dropped."""
+    root = Path(root)
+    dcfg = cfg["data"]
+    protocol = dcfg.get("protocol", "7class")
+    if protocol not in CASME3_CLASSES:
+        raise UserError(f"data.protocol must be one of {', '.join(CASME3_CLASSES)}, got '{protocol}'")
+    path = Path(dcfg["tables"]["train"]) if dcfg["tables"].get("train") else None
+    if path is None:
+        hits = [p for p in sorted(root.rglob("*.xls*")) if not p.name.startswith("~$")]
+        if len(hits) != 1:
+            raise UserError(f"CAS(ME)^3: expected one annotation .xlsx under {root}, found "
+                            f"{len(hits)}{': ' + ', '.join(map(str, hits)) if hits else ''}; set data.tables.train")
+        path = hits[0]
+    path = path if path.is_absolute() else root / path
+    df = read_table(path)
+    cols = match_columns(df, ["sample", "subject", "emotion", "onset", "offset"], str(path))
+    t = _rows_from_table(df, cols, "train", "casme3")
+    t["clip"] = t["sample"]
+    t["sample"] = t["subject"] + "_" + t["clip"]
+    t["fps"] = t["fps"].fillna(float(dcfg.get("fps") or 30.0))
+    t["start_frame"], t["end_frame"] = t["onset"], t["offset"]
+    classes = list(dcfg.get("classes") or CASME3_CLASSES[protocol])
+    issues: list[Issue] = []
+    if protocol == "3class":
+        names = [canonical_emotion(v) for v in t["emotion_raw"]]
+        keep = [n != "others" for n in names]
+        t["emotion_raw"] = [CASME3_TO_3CLASS.get(n, v) if n else v for n, v in zip(names, t["emotion_raw"])]
+        t = t[keep].reset_index(drop=True)
+    t["label_raw"] = None
+    t = _assign_labels(t, classes, issues)
+    dirs = []
+    for _, r in t.iterrows():
+        d = root / r["subject"] / r["clip"] / "color"
+        if not d.is_dir():
+            d = root / r["subject"] / r["clip"]
+        if not d.is_dir():
+            issues.append(Issue("missing", "train", r["sample"], f"frame folder not found: {root / r['subject'] / r['clip'] / 'color'}"))
+        dirs.append(str(d) if d.is_dir() else "")
+    t["frames_dir"] = dirs
+    return Dataset(f"casme3-{protocol}", root, _finish(t), classes, issues)
+
+
+def read_manifest(path: str | Path, cfg: dict) -> Dataset:
+    """A generic CSV: sample, subject, emotion (or label), fps, frames (folder, relative to the CSV),
+    optional split (default train), onset/apex/offset, aus — any other database without code."""
+    path = Path(path)
+    df = read_table(path)
+    cols = match_columns(df, ["sample", "fps", "frames"], str(path))
+    splits = [str(s).strip() if "split" in cols and not pd.isna(s) else "train"
+              for s in (df[cols["split"]] if "split" in cols else [None] * len(df))]
+    t = pd.concat([_rows_from_table(df[np.array(splits) == s], cols, s, "manifest")
+                   for s in dict.fromkeys(splits)], ignore_index=True)
+    names = sorted({c for c in (canonical_emotion(v) for v in t["emotion_raw"]) if c}) if "emotion" in cols else []
+    classes = list(cfg["data"].get("classes") or names or DFME_CLASSES)
+    issues: list[Issue] = []
+    t = _assign_labels(t, classes, issues)
+    frames = []
+    order = pd.concat([df[np.array(splits) == s] for s in dict.fromkeys(splits)])
+    for (_, r), raw in zip(t.iterrows(), order[cols["frames"]]):
+        d = Path(str(raw))
+        d = d if d.is_absolute() else path.parent / d
+        if not d.is_dir():
+            issues.append(Issue("missing", r["split"], r["sample"], f"frame folder not found: {d}"))
+        frames.append(str(d) if d.is_dir() else "")
+    t["frames_dir"] = frames
+    return Dataset("manifest", path.parent, _finish(t), classes, issues)
+
+
+def _finish(t: pd.DataFrame) -> pd.DataFrame:
+    for c in SCHEMA:
+        if c not in t:
+            t[c] = ""
+    return t[SCHEMA].reset_index(drop=True)
+
+
+def detect_kind(root: Path) -> str:
+    if root.is_file():
+        return "manifest"
+    for p in sorted(root.glob("*.xls*"))[:5]:
+        try:
+            cols = {_norm_col(c) for c in pd.read_excel(p, nrows=0).columns}
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader itself
+            continue
+        if "objectiveclass" in cols:
+            return "casme3"
+    return "dfme"
+
+
+READERS = {"dfme": read_dfme, "casme3": read_casme3, "manifest": read_manifest}
+
+
+def load_dataset(root: str | Path, cfg: dict, check_disk: bool = True) -> Dataset:
+    """Read the dataset at `root` (a folder, or a manifest CSV) and validate it against disk."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"dataset root not found: {root}")
+    kind = cfg["data"]["dataset"]
+    if kind == "auto":
+        kind = detect_kind(root)
+    if kind not in READERS:
+        raise UserError(f"data.dataset must be auto or one of {', '.join(READERS)}, got '{kind}'")
+    ds = READERS[kind](root, cfg)
+    if check_disk:
+        ds.issues += check_frames(ds.table, cfg["data"]["image_exts"])
+    ds.issues += check_table(ds.table)
+    return ds
+
+
+# --------------------------------------------------------------------------- validation
+
+def check_table(t: pd.DataFrame) -> list[Issue]:
+    """Problems visible in the table alone: duplicates, missing fps, subject leakage."""
+    issues = []
+    dup = t[t.duplicated("sample", keep=False)]
+    for sample, g in dup.groupby("sample", sort=False):
+        issues.append(Issue("fatal", ",".join(dict.fromkeys(g["split"])), sample,
+                            f"sample listed {len(g)} times (table rows {', '.join(str(r + 2) for r in g['row'])}); "
+                            "sample names must be unique"))
+    for _, r in t[t["fps"].isna()].iterrows():
+        level = "fatal" if r["split"] in TEST_SPLITS else "skip"
+        issues.append(Issue(level, r["split"], r["sample"],
+                            "no frame rate (add an FPS column or set data.fps)"))
+    for _, r in t[(t["split"] == "train") & t["label"].isna() & (t["emotion"] == "")].iterrows():
+        issues.append(Issue("skip", r["split"], r["sample"], "train row without an emotion label"))
+    subj = t[t["subject"].astype(str) != ""]
+    for s, g in subj.groupby("subject"):
+        splits = list(dict.fromkeys(g["split"]))
+        if len(splits) > 1:
+            issues.append(Issue("fatal", ",".join(splits), "",
+                                f"subject '{s}' appears in several splits ({', '.join(splits)}): "
+                                "splits must be subject-disjoint"))
+    return issues
+
+
+def check_frames(t: pd.DataFrame, exts: Iterable[str]) -> list[Issue]:
+    """Problems on disk: empty folders, key frames outside the frames present."""
+    issues = []
+    for i, r in t.iterrows():
+        if not r["frames_dir"]:
+            continue
+        frames = list_frames(r["frames_dir"], exts)
+        if not frames:
+            issues.append(Issue("missing", r["split"], r["sample"], f"no image frames in {r['frames_dir']}"))
+            t.at[i, "frames_dir"] = ""
+            continue
+        lo, hi = frame_number(frames[0]), frame_number(frames[-1])
+        bad = [f"{k} {int(r[k])}" for k in ("onset", "apex", "offset")
+               if not pd.isna(r[k]) and not lo <= r[k] <= hi]
+        if bad:
+            issues.append(Issue("warn", r["split"], r["sample"],
+                                f"{', '.join(bad)} outside the frames present ({lo}..{hi}); key frames ignored"))
+            for k in ("onset", "apex", "offset", "start_frame", "end_frame"):
+                t.at[i, k] = np.nan
+    return issues
+
+
+def resolve_issues(ds: Dataset, splits: Iterable[str] | None = None) -> Dataset:
+    """Log every issue as one line; stop on fatal ones; drop skipped train rows.
+
+    A test row without frames is fatal: every test row must get a prediction."""
+    splits = list(splits) if splits is not None else ds.splits
+    keep = ds.table["split"].isin(splits)
+    relevant = [i for i in ds.issues if any(s in splits for s in i.split.split(","))]
+    fatal = []
+    for issue in relevant:
+        if issue.level == "missing":
+            issue.level = "fatal" if issue.split in TEST_SPLITS else "skip"
+        (fatal.append(issue) if issue.level == "fatal" else log.warning("%s", issue))
+    if fatal:
+        for issue in fatal:
+            log.error("%s", issue)
+        raise UserError(f"{len(fatal)} fatal problem(s) in {ds.root} (listed above); fix them and rerun")
+    skipped = {(i.split, i.sample) for i in relevant if i.level == "skip"}
+    mask = keep & ~pd.Series([(s, n) in skipped for s, n in zip(ds.table["split"], ds.table["sample"])],
+                             index=ds.table.index)
+    if skipped:
+        log.warning("skipped %d row(s) with problems (listed above)", len(skipped))
+    return Dataset(ds.name, ds.root, ds.table[mask].reset_index(drop=True), ds.classes, relevant)
+
+
+def summary(ds: Dataset) -> str:
+    """A few lines describing a loaded dataset: clips per split, classes, frame rates."""
+    lines = [f"{ds.name} at {ds.root}: {len(ds.table)} clips; classes (id order): "
+             + ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes))]
+    for split in ds.splits:
+        t = ds.split(split)
+        fps = ", ".join(f"{int(k)} fps: {v}" for k, v in t["fps"].value_counts().sort_index().items())
+        subjects = t["subject"][t["subject"] != ""].nunique()
+        line = f"  {split}: {len(t)} clips, {subjects or '?'} subjects ({fps})"
+        if t["label"].notna().any():
+            counts = t["label"].value_counts().sort_index()
+            line += "; " + ", ".join(f"{ds.classes[int(k)]} {v}" for k, v in counts.items())
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mer.data --root DFME`: read and validate a dataset, print what was found."""
+    import argparse
+
+    from .cli import add_config_args, config_from_args, run_main, setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m mer.data", description=main.__doc__)
+    parser.add_argument("--root", required=True, help="dataset folder (or manifest CSV)")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        setup_logging(args.verbose)
+        ds = resolve_issues(load_dataset(args.root, config_from_args(args)))
+        print(summary(ds), file=sys.stderr)
+        return 0
+
+    run_main(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Shared fixtures: small hand-made dataset trees for the readers' tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def write_frames(folder: Path, n: int, start: int = 1, ext: str = ".png", digits: int = 5) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    img = np.full((24, 32, 3), 128, np.uint8)
+    for k in range(start, start + n):
+        cv2.imwrite(str(folder / f"{k:0{digits}d}{ext}"), img)
+
+
+@pytest.fixture
+def tiny_dfme(tmp_path: Path) -> Path:
+    """A 6-clip DFME-layout tree: train (xlsx, names + ids), test_A (csv), nested test_B (xlsx)."""
+    root = tmp_path / "DFME"
+    train = pd.DataFrame({
+        "Filename": ["a_1", "a_2", "b_1", "b_2"],
+        "Subject": ["a", "a", "b", "b"],
+        "Emotion": ["happy", "Surprise", "厌恶", "anger"],
+        "EmotionId": [4, 6, 2, 0],
+        "Onset Frame": [1, 1, 2, 1],
+        "ApexFrame": [3, 4, 3, 2],
+        "OffsetFrame": [5, 6, 5, 6],
+        "FPS": [200, 300, 500, 200],
+    })
+    root.mkdir()
+    train.to_excel(root / "train.xlsx", index=False)
+    pd.DataFrame({"filename": ["c_1", "c_2"], "fps": [300, 500]}).to_csv(root / "test_A.csv", index=False)
+    pd.DataFrame({"Filename": ["d_1"], "Frame rate": [200]}).to_excel(root / "test_B.xlsx", index=False)
+    for s in train["Filename"]:
+        write_frames(root / "train_data" / s, 6)
+    for s in ("c_1", "c_2"):
+        write_frames(root / "test_data_A" / s, 8, ext=".jpg")
+    write_frames(root / "test_data_B" / "test_data_B" / "d_1", 12, digits=1)
+    return root

@@ -1,0 +1,200 @@
+"""Readers and validation on hand-made trees: every validation case feeds bad input and checks the message."""
+
+import logging
+import shutil
+
+import pandas as pd
+import pytest
+
+from conftest import write_frames
+from mer.cli import UserError
+from mer.config import load_config
+from mer.data import (
+    canonical_emotion, class_map_from_table, frame_number, list_frames, load_dataset, resolve_issues,
+)
+
+
+def load(root, *sets):
+    return load_dataset(root, load_config(overrides=list(sets)))
+
+
+def messages(ds):
+    return [str(i) for i in ds.issues]
+
+
+def test_dfme_reader_normalises_aliases_chinese_and_nested_folders(tiny_dfme):
+    ds = load(tiny_dfme)
+    t = ds.table
+    assert ds.issues == []
+    assert list(t["split"]) == ["train"] * 4 + ["test_A"] * 2 + ["test_B"]
+    assert list(t["emotion"][:4]) == ["happiness", "surprise", "disgust", "anger"]
+    assert list(t["label"][:4]) == [4, 6, 2, 0]
+    assert t["label"][4:].isna().all() and (t["emotion"][4:] == "").all()  # unknown stays empty
+    assert t.loc[t["sample"] == "d_1", "frames_dir"].item().endswith("test_data_B/test_data_B/d_1")
+    assert list(t["fps"]) == [200, 300, 500, 200, 300, 500, 200]
+    assert list(t.loc[t["split"] == "test_A", "row"]) == [0, 1]
+    assert t.loc[0, "onset"] == 1 and t.loc[2, "apex"] == 3
+
+
+def test_frames_sorted_by_number_not_text(tmp_path):
+    write_frames(tmp_path / "c", 12, digits=1)  # 1.png .. 12.png
+    frames = list_frames(tmp_path / "c")
+    assert [frame_number(f) for f in frames] == list(range(1, 13))
+    assert frame_number("img_0042.jpg") == 42 and frame_number("reg_img7.png") == 7
+
+
+@pytest.mark.parametrize("raw,name", [("Happy", "happiness"), ("HAPPINESS", "happiness"), ("sad", "sadness"),
+                                      ("angry", "anger"), ("高兴", "happiness"), ("伤心", "sadness"),
+                                      ("惊讶", "surprise"), ("鄙视", "contempt"), ("恐惧", "fear"),
+                                      (" Disgust ", "disgust"), ("愤怒", "anger"), ("meh", None)])
+def test_emotion_aliases(raw, name):
+    assert canonical_emotion(raw) == name
+
+
+def test_class_map_derived_from_table_when_ids_differ():
+    names = pd.Series(["happy", "anger", "surprise"])
+    ids = pd.Series([0, 1, 2])
+    classes = class_map_from_table(names, ids, ["anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise"], "t")
+    assert classes[:3] == ["happiness", "anger", "surprise"] and len(set(classes)) == 7
+    with pytest.raises(UserError, match="EmotionId 0 is used for both"):
+        class_map_from_table(pd.Series(["happy", "sad"]), pd.Series([0, 0]), ["happiness", "sadness"], "t")
+
+
+def test_missing_column_lists_columns_found(tiny_dfme):
+    pd.DataFrame({"Clip": ["c_1"], "Speed": [3]}).to_csv(tiny_dfme / "test_A.csv", index=False)
+    with pytest.raises(UserError, match=r"test_A.csv: no column for fps .*columns found: Clip, Speed"):
+        ds = load(tiny_dfme)
+        resolve_issues(ds)
+    # a frame rate given in the config makes the column optional
+    ds = load(tiny_dfme, "data.fps=200")
+    assert (ds.split("test_A")["fps"] == 200).all()
+
+
+def test_unreadable_table_is_a_clear_error(tiny_dfme):
+    (tiny_dfme / "train.xlsx").write_bytes(b"this is not a spreadsheet")
+    with pytest.raises(UserError, match=r"cannot read annotation table .*train.xlsx"):
+        load(tiny_dfme)
+
+
+def test_no_tables_and_ambiguous_tables(tmp_path, tiny_dfme):
+    with pytest.raises(UserError, match="no annotation table found"):
+        load(tmp_path / "DFME" / "train_data")
+    shutil.copy(tiny_dfme / "train.xlsx", tiny_dfme / "train_old.xlsx")
+    with pytest.raises(UserError, match=r"several tables look like the train table.*data.tables.train"):
+        load(tiny_dfme)
+    assert len(load(tiny_dfme, "data.tables.train=train.xlsx").split("train")) == 4
+
+
+def test_missing_and_empty_frame_folders(tiny_dfme, caplog):
+    shutil.rmtree(tiny_dfme / "train_data" / "a_2")
+    for f in (tiny_dfme / "train_data" / "b_1").iterdir():
+        f.unlink()
+    ds = load(tiny_dfme)
+    msgs = messages(ds)
+    assert any("train/a_2: frame folder not found (no folder named 'a_2'" in m for m in msgs)
+    assert any("train/b_1: no image frames in" in m for m in msgs)
+    with caplog.at_level(logging.WARNING):
+        kept = resolve_issues(ds)
+    assert set(kept.split("train")["sample"]) == {"a_1", "b_2"}  # train rows skipped, reported
+    assert "[skip] train/a_2" in caplog.text and "[skip] train/b_1" in caplog.text
+
+
+def test_test_row_without_frames_is_fatal(tiny_dfme, caplog):
+    shutil.rmtree(tiny_dfme / "test_data_A" / "c_2")
+    ds = load(tiny_dfme)
+    with caplog.at_level(logging.ERROR), pytest.raises(UserError, match="1 fatal problem"):
+        resolve_issues(ds)
+    assert "[fatal] test_A/c_2: frame folder not found" in caplog.text
+    # other splits alone are fine
+    assert len(resolve_issues(ds, ["train", "test_B"]).table) == 5
+
+
+def test_duplicate_samples_are_fatal(tiny_dfme):
+    t = pd.read_excel(tiny_dfme / "train.xlsx")
+    t.loc[1, "Filename"] = "a_1"
+    t.to_excel(tiny_dfme / "train.xlsx", index=False)
+    ds = load(tiny_dfme)
+    assert any("[fatal] train/a_1: sample listed 2 times (table rows 2, 3)" in m for m in messages(ds))
+    with pytest.raises(UserError):
+        resolve_issues(ds)
+
+
+def test_labels_outside_class_map_are_skipped(tiny_dfme):
+    t = pd.read_excel(tiny_dfme / "train.xlsx")
+    t["Emotion"] = ["happy", "bored", "others", "anger"]
+    t["EmotionId"] = [4, 9, 7, 0]
+    t.to_excel(tiny_dfme / "train.xlsx", index=False)
+    msgs = messages(load(tiny_dfme))
+    assert any("[skip] train/a_2: emotion 'bored' is not one of" in m for m in msgs)
+    assert any("[skip] train/b_1: emotion 'others' is outside the class map" in m for m in msgs)
+    t = t.drop(columns=["Emotion"])
+    t.to_excel(tiny_dfme / "train.xlsx", index=False)
+    msgs = messages(load(tiny_dfme))
+    assert any("[skip] train/a_2: label 9 is outside the class ids 0..6" in m for m in msgs)
+
+
+def test_key_frames_outside_frames_present_are_ignored_not_invented(tiny_dfme):
+    t = pd.read_excel(tiny_dfme / "train.xlsx")
+    t.loc[0, "OffsetFrame"] = 40
+    t.to_excel(tiny_dfme / "train.xlsx", index=False)
+    ds = load(tiny_dfme)
+    assert any("[warn] train/a_1: offset 40 outside the frames present (1..6); key frames ignored" in m
+               for m in messages(ds))
+    row = resolve_issues(ds).table.iloc[0]
+    assert row["sample"] == "a_1" and pd.isna(row["onset"]) and pd.isna(row["offset"])
+
+
+def test_subject_in_two_splits_is_fatal(tiny_dfme):
+    pd.DataFrame({"Filename": ["d_1"], "Subject": ["a"], "FPS": [200]}).to_excel(tiny_dfme / "test_B.xlsx", index=False)
+    ds = load(tiny_dfme)
+    assert any("subject 'a' appears in several splits (train, test_B)" in m for m in messages(ds))
+    with pytest.raises(UserError):
+        resolve_issues(ds)
+
+
+def test_missing_frame_rate_in_test_is_fatal(tiny_dfme):
+    pd.DataFrame({"Filename": ["c_1", "c_2"], "FPS": [300, None]}).to_csv(tiny_dfme / "test_A.csv", index=False)
+    ds = load(tiny_dfme)
+    assert any("[fatal] test_A/c_2: no frame rate (add an FPS column or set data.fps)" in m for m in messages(ds))
+
+
+def _casme3_tree(root):
+    rows = [("spNO.1", "a", 1, 3, 5, "4+7", "anger"), ("spNO.1", "b", 2, 4, 6, "12", "happy"),
+            ("spNO.2", "a", 1, 2, 4, "1+2", "surprise"), ("spNO.2", "c", 1, 2, 4, "", "others"),
+            ("spNO.3", "d", 3, 4, 6, "1+4+15", "sad")]
+    df = pd.DataFrame(rows, columns=["Subject", "Filename", "Onset", "Apex", "Offset", "AU", "emotion"])
+    df.insert(6, "Objective class", 1)
+    root.mkdir()
+    df.to_excel(root / "cas(me)3_part_A_ME_label.xlsx", index=False)
+    for s, f, *_ in rows:
+        write_frames(root / s / f / "color", 8, start=0, ext=".jpg", digits=1)
+
+
+def test_casme3_protocols(tmp_path):
+    root = tmp_path / "CASME3"
+    _casme3_tree(root)
+    ds7 = load(root)
+    assert ds7.name == "casme3-7class" and ds7.issues == []
+    t = ds7.table
+    assert list(t["sample"]) == ["spNO.1_a", "spNO.1_b", "spNO.2_a", "spNO.2_c", "spNO.3_d"]
+    assert list(t["emotion"]) == ["anger", "happiness", "surprise", "others", "sadness"]
+    assert list(t["start_frame"]) == [1, 2, 1, 1, 3] and list(t["end_frame"]) == [5, 6, 4, 4, 6]
+    assert t["frames_dir"].str.endswith("color").all() and (t["fps"] == 30).all()
+    ds3 = load(root, "data.protocol=3class")
+    assert ds3.classes == ["negative", "positive", "surprise"]
+    assert list(ds3.table["emotion"]) == ["negative", "positive", "surprise", "negative"]  # others dropped
+    assert list(ds3.table["label"]) == [0, 1, 2, 0]
+
+
+def test_generic_manifest(tmp_path):
+    for s in ("x1", "x2", "y1"):
+        write_frames(tmp_path / "clips" / s, 5)
+    pd.DataFrame({"sample": ["x1", "x2", "y1"], "subject": ["x", "x", "y"], "emotion": ["fear", "sad", ""],
+                  "fps": [100, 100, 100], "frames": ["clips/x1", "clips/x2", "clips/y1"],
+                  "split": ["train", "train", "test_B"]}).to_csv(tmp_path / "m.csv", index=False)
+    ds = load(tmp_path / "m.csv")
+    assert ds.name == "manifest" and ds.classes == ["fear", "sadness"]
+    assert list(ds.table["label"][:2]) == [0, 1] and pd.isna(ds.table["label"][2])
+    assert list(ds.table["split"]) == ["train", "train", "test_B"]
+    shutil.rmtree(tmp_path / "clips" / "x2")
+    assert any("train/x2: frame folder not found" in m for m in messages(load(tmp_path / "m.csv")))
