@@ -1,0 +1,146 @@
+"""The tensor cache: one .npz per clip under a folder keyed by the settings that made it.
+
+Layout: <cache_dir>/<dataset>/<key>/{meta.yaml, <split>/manifest.csv, <split>/clips/<sample>.npz}.
+Files are written to a temporary name and renamed, so a killed run never leaves a half file and
+a rerun resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .cli import UserError
+from .config import stable_hash
+
+log = logging.getLogger("mer.cache")
+
+FEATURE_VERSION = 1  # bump when the preprocessing code changes what it computes
+MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "reason", "fps",
+                    "frames_total", "frames_read", "unreadable", "steps", "duration_ms",
+                    "landmark_conf", "detect_frame", "head_motion", "reanchors", "apex_motion_frame",
+                    "apex_annotated_frame", "seconds", "file"]
+
+
+def cache_key(cfg: dict) -> str:
+    """Hash of every setting that changes the cached tensors (not where they are stored)."""
+    settings = {k: v for k, v in cfg["preprocess"].items() if k != "cache_dir"}
+    data = {k: cfg["data"][k] for k in ("fps", "protocol", "image_exts")}
+    return stable_hash({"preprocess": settings, "data": data, "version": FEATURE_VERSION})
+
+
+def dataset_id(root: str | Path) -> str:
+    """The cache folder name of a dataset: its folder (or manifest) name."""
+    root = Path(root).resolve()
+    return re.sub(r"[^\w.\-]+", "_", root.stem if root.is_file() else root.name) or "dataset"
+
+
+def cache_dir(cfg: dict, root: str | Path) -> Path:
+    return Path(cfg["preprocess"]["cache_dir"]) / dataset_id(root) / cache_key(cfg)
+
+
+def clip_file(cdir: Path, split: str, sample: str) -> Path:
+    safe = re.sub(r"[^\w.\-]+", "_", sample)
+    return cdir / split / "clips" / f"{safe}.npz"
+
+
+def save_clip(path: Path, arrays: dict) -> None:
+    """Write one clip atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_clip(path: str | Path) -> dict:
+    """All arrays of one cached clip; a missing or corrupt file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"cache file missing: {path} (run preprocess.py for this dataset and split)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        raise UserError(f"cache file corrupt: {path} ({e}); delete it and rerun preprocess.py") from None
+
+
+def read_clip_record(path: Path) -> dict:
+    """The scalar status fields of a cached clip (for the manifest)."""
+    z = load_clip(path)
+    return {k: (v.item() if v.ndim == 0 else None) for k, v in z.items() if v.ndim == 0}
+
+
+def write_meta(cdir: Path, meta: dict) -> None:
+    cdir.mkdir(parents=True, exist_ok=True)
+    tmp = cdir / "meta.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(cdir / "meta.yaml")
+
+
+def read_meta(cdir: Path) -> dict:
+    p = Path(cdir) / "meta.yaml"
+    if not p.is_file():
+        raise UserError(f"{cdir} is not a preprocessed cache (no meta.yaml); run preprocess.py")
+    return yaml.safe_load(p.read_text(encoding="utf-8"))
+
+
+def write_manifest(cdir: Path, split: str, df: pd.DataFrame) -> Path:
+    path = cdir / split / "manifest.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(cdir: Path, split: str) -> pd.DataFrame:
+    path = Path(cdir) / split / "manifest.csv"
+    if not path.is_file():
+        raise UserError(f"no manifest for split '{split}' in {cdir}: run preprocess.py --splits {split}")
+    return pd.read_csv(path, keep_default_na=True, dtype={"sample": str, "subject": str})
+
+
+def find_cache(cache_root: str | Path, root: str | Path | None = None, cache: str | Path | None = None,
+               cfg: dict | None = None) -> Path:
+    """The cache folder a training or prediction run should read.
+
+    --cache DIR wins; otherwise the dataset given by --root, or the only dataset cached. Within a
+    dataset the cache matching the current preprocessing settings is preferred, else the newest."""
+    if cache is not None:
+        read_meta(Path(cache))
+        return Path(cache)
+    base = Path(cache_root)
+    if root is not None:
+        datasets = [base / dataset_id(root)]
+        if not datasets[0].is_dir():
+            raise UserError(f"no cache for {root} under {base}: run `python preprocess.py --root {root}` first")
+    else:
+        datasets = sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []
+        if not datasets:
+            raise UserError(f"no preprocessed dataset under {base}/: run `python preprocess.py --root DATASET` first")
+        if len(datasets) > 1:
+            raise UserError(f"several datasets are cached under {base}/ ({', '.join(p.name for p in datasets)}): "
+                            "choose one with --root DATASET or --cache DIR")
+    keyed = [p for p in datasets[0].glob("*") if (p / "meta.yaml").is_file()]
+    if not keyed:
+        raise UserError(f"{datasets[0]} holds no finished cache: run preprocess.py")
+    if cfg is not None and (datasets[0] / cache_key(cfg)).is_dir():
+        return datasets[0] / cache_key(cfg)
+    newest = max(keyed, key=lambda p: (p / "meta.yaml").stat().st_mtime)
+    if len(keyed) > 1:
+        log.warning("%d caches of %s with different settings; using the newest, %s (choose with --cache)",
+                    len(keyed), datasets[0].name, newest)
+    return newest

@@ -1,0 +1,163 @@
+"""Face: 68 landmarks on a frame, and the aligned crop anchored on the inner eye corners.
+
+Landmarks use the iBUG-68 numbering, 0-based, as (x, y) pixel coordinates. The default backend
+(dlib HOG + the 68-point model of face-recognition-models) runs offline; FAN (face-alignment)
+is opt-in and needs its weights in the torch hub cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .cli import UserError
+
+INNER_EYE_CORNERS = (39, 42)   # subject's right eye inner corner, left eye inner corner
+OUTER_EYE_CORNERS = (36, 45)
+FAN_FILES = ("2DFAN4-11f355bf06.pth.tar", "s3fd-619a316812.pth")
+
+
+def dlib_model_path() -> Path:
+    """The 68-point model shipped by face-recognition-models (found without importing it)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the package face-recognition-models is not installed (pip install -r requirements.txt)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+    if not path.is_file():
+        raise UserError(f"dlib's 68-point model is missing: {path}")
+    return path
+
+
+class DlibLandmarks:
+    """dlib HOG face detector (on a half-size image, for speed) + the 68-point shape predictor."""
+
+    def __init__(self, upsample: int = 0):
+        import dlib
+
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(str(dlib_model_path()))
+        self.upsample = upsample
+        self._dlib = dlib
+
+    def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """(68x2 landmarks, detector score) of the most confident face, or None."""
+        small = cv2.resize(gray, (gray.shape[1] // 2, gray.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        rects, scores, _ = self.detector.run(small, self.upsample, -0.3)
+        if len(rects) == 0:
+            rects, scores, _ = self.detector.run(gray, self.upsample, -0.3)
+            factor = 1.0
+        else:
+            factor = 2.0
+        if len(rects) == 0:
+            return None
+        best = int(np.argmax([r.area() * (1 + s) for r, s in zip(rects, scores)]))
+        r = rects[best]
+        rect = self._dlib.rectangle(int(r.left() * factor), int(r.top() * factor),
+                                    int(r.right() * factor), int(r.bottom() * factor))
+        shape = self.predictor(gray, rect)
+        pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+        return pts, float(scores[best])
+
+
+class FanLandmarks:
+    """face-alignment's 2D FAN (more precise landmarks); offline only once its weights are cached."""
+
+    def __init__(self, device: str = "cpu"):
+        import torch
+
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        missing = [f for f in FAN_FILES if not (folder / f).is_file()]
+        if missing:
+            raise UserError(
+                f"--landmarks fan needs face-alignment's weights, missing: {', '.join(missing)}; "
+                f"place them in {folder} (they are downloaded there on first use when online), "
+                "or use the default --landmarks dlib"
+            )
+        import face_alignment
+
+        self.model = face_alignment.FaceAlignment(
+            face_alignment.LandmarksType.TWO_D, device=device, flip_input=False, compile=False)
+
+    def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, float] | None:
+        rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+        out = self.model.get_landmarks_from_image(rgb, return_landmark_score=True)
+        preds, scores = out[0], out[1]
+        if not preds:
+            return None
+        best = int(np.argmax([float(np.mean(s)) for s in scores]))
+        return np.asarray(preds[best][:, :2], np.float32), float(np.mean(scores[best]))
+
+
+def make_landmarker(name: str, upsample: int = 0, device: str = "cpu"):
+    if name == "dlib":
+        return DlibLandmarks(upsample)
+    if name == "fan":
+        return FanLandmarks(device)
+    raise UserError(f"preprocess.landmarks must be dlib or fan, got '{name}'")
+
+
+# A symmetric neutral face (dlib's landmarks of a real photo, mirror-averaged), in units of the
+# inner-eye-corner distance from their midpoint, eye line horizontal. Used only for the flagged
+# centred-box fallback of a test clip in which no face was found.
+TEMPLATE_68 = np.array([
+    [-1.770, 0.056], [-1.731, 0.518], [-1.674, 0.941], [-1.597, 1.404], [-1.462, 1.827], [-1.211, 2.212],
+    [-0.846, 2.520], [-0.442, 2.770], [0.000, 2.829], [0.442, 2.770], [0.846, 2.520], [1.211, 2.212],
+    [1.462, 1.827], [1.597, 1.404], [1.674, 0.941], [1.731, 0.518], [1.770, 0.056], [-1.502, -0.347],
+    [-1.309, -0.559], [-1.001, -0.616], [-0.692, -0.578], [-0.385, -0.463], [0.385, -0.463], [0.692, -0.578],
+    [1.001, -0.616], [1.309, -0.559], [1.502, -0.347], [0.000, -0.098], [0.000, 0.250], [0.000, 0.557],
+    [0.000, 0.864], [-0.385, 1.038], [-0.192, 1.096], [0.000, 1.134], [0.192, 1.096], [0.385, 1.038],
+    [-1.154, -0.077], [-0.963, -0.192], [-0.694, -0.192], [-0.500, 0.000], [-0.731, 0.019], [-0.962, 0.019],
+    [0.500, 0.000], [0.694, -0.192], [0.963, -0.192], [1.154, -0.077], [0.962, 0.019], [0.731, 0.019],
+    [-0.846, 1.367], [-0.538, 1.347], [-0.231, 1.345], [0.000, 1.403], [0.231, 1.345], [0.538, 1.347],
+    [0.846, 1.367], [0.558, 1.771], [0.250, 1.943], [0.000, 1.983], [-0.250, 1.943], [-0.558, 1.771],
+    [-0.730, 1.424], [-0.211, 1.481], [0.000, 1.520], [0.211, 1.481], [0.730, 1.424], [0.230, 1.750],
+    [0.000, 1.789], [-0.230, 1.750],
+], np.float32)
+
+
+def template_landmarks(size: float, crop_scale: float, center_y: float) -> np.ndarray:
+    """TEMPLATE_68 laid out in a size x size aligned crop."""
+    return (TEMPLATE_68 / crop_scale + np.array([0.5, center_y], np.float32)) * size
+
+
+def crop_matrix(landmarks: np.ndarray, size: int, crop_scale: float, center_y: float) -> np.ndarray:
+    """2x3 affine map from frame pixels to an aligned size x size crop.
+
+    The eye line is made horizontal; the crop's side is crop_scale x the distance between the
+    inner eye corners, whose midpoint sits at (0.5, center_y) of the crop."""
+    a, b = landmarks[INNER_EYE_CORNERS[0]], landmarks[INNER_EYE_CORNERS[1]]
+    oa, ob = landmarks[OUTER_EYE_CORNERS[0]], landmarks[OUTER_EYE_CORNERS[1]]
+    angle = np.degrees(np.arctan2(ob[1] - oa[1], ob[0] - oa[0]))
+    dist = float(np.hypot(*(b - a)))
+    if dist < 2:
+        raise ValueError("inner eye corners coincide: landmarks are degenerate")
+    scale = size / (crop_scale * dist)
+    mid = (a + b) / 2
+    m = cv2.getRotationMatrix2D((float(mid[0]), float(mid[1])), float(angle), scale)
+    m[:, 2] += np.array([0.5 * size, center_y * size]) - mid
+    return m
+
+
+def centred_matrix(shape: tuple[int, int], size: int, fraction: float = 0.5) -> np.ndarray:
+    """Fallback crop: a square of `fraction` x the frame's shorter side at the frame's centre."""
+    h, w = shape[:2]
+    side = fraction * min(h, w)
+    s = size / side
+    return np.array([[s, 0, size / 2 - s * w / 2], [0, s, size / 2 - s * h / 2]], np.float64)
+
+
+def transform_points(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+def scaled(m: np.ndarray, factor: float) -> np.ndarray:
+    """The same crop at another resolution (factor = new size / old size)."""
+    return m * factor
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,137 @@
+"""Local-region motion features: AU-based ROIs on the aligned crop, pooled per time step.
+
+A ROI is a box around one landmark (a point ROI) or around a group of landmarks (a region). Its
+feature per step is the mean of its top-k% largest flow vectors: AUs move a small patch of skin,
+so the strongest vectors carry the signal while the rest of the box carries noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# iBUG-68 (0-based) left/right mirror permutation: landmark i of a mirrored face is MIRROR_68[i].
+MIRROR_68 = np.array(
+    [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
+     27, 28, 29, 30, 35, 34, 33, 32, 31, 45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40, 54, 53, 52, 51,
+     50, 49, 48, 59, 58, 57, 56, 55, 64, 63, 62, 61, 60, 67, 66, 65])
+
+# The 18 ROIs of the reference method (image-left / image-right as seen in the frame).
+DEFAULT_ROIS: list[dict] = [
+    {"name": "brow_left", "landmarks": [17, 18, 19, 20, 21]},
+    {"name": "brow_left_18", "landmarks": [18]},
+    {"name": "brow_left_19", "landmarks": [19]},
+    {"name": "brow_left_20", "landmarks": [20]},
+    {"name": "brow_right", "landmarks": [22, 23, 24, 25, 26]},
+    {"name": "brow_right_23", "landmarks": [23]},
+    {"name": "brow_right_24", "landmarks": [24]},
+    {"name": "brow_right_25", "landmarks": [25]},
+    {"name": "mouth", "landmarks": list(range(48, 60))},
+    {"name": "mouth_48", "landmarks": [48]},
+    {"name": "mouth_54", "landmarks": [54]},
+    {"name": "mouth_51", "landmarks": [51]},
+    {"name": "mouth_57", "landmarks": [57]},
+    {"name": "mouth_62", "landmarks": [62]},
+    {"name": "nose_31", "landmarks": [31]},
+    {"name": "nose_35", "landmarks": [35]},
+    {"name": "eyelid_left", "landmarks": [40, 41], "dy": 0.5},
+    {"name": "eyelid_right", "landmarks": [46, 47], "dy": 0.5},
+]
+CHANNELS = ("u", "v", "mag", "strain")
+
+
+def roi_specs(setting: str | list) -> list[dict]:
+    """The configured ROI list: 'default' or a list of {name, landmarks, dy?} (dy in half-sides)."""
+    if setting == "default":
+        return [dict(r) for r in DEFAULT_ROIS]
+    if not isinstance(setting, list) or not setting:
+        raise ValueError("preprocess.rois must be 'default' or a list of {name, landmarks[, dy]}")
+    for r in setting:
+        if not isinstance(r, dict) or "name" not in r or not r.get("landmarks"):
+            raise ValueError(f"preprocess.rois: each ROI needs a name and landmarks, got {r!r}")
+        if not all(0 <= int(i) < 68 for i in r["landmarks"]):
+            raise ValueError(f"preprocess.rois: ROI '{r['name']}' has a landmark outside 0..67")
+    return [dict(r) for r in setting]
+
+
+def mirror_permutation(specs: list[dict]) -> np.ndarray:
+    """perm[r] = the ROI that ROI r becomes in the left/right mirrored face."""
+    keys = [tuple(sorted(r["landmarks"])) for r in specs]
+    perm = []
+    for r, key in zip(specs, keys):
+        mirrored = tuple(sorted(MIRROR_68[list(key)]))
+        if mirrored not in keys:
+            raise ValueError(f"ROI '{r['name']}' has no mirror twin in the ROI set (needed for mirroring)")
+        perm.append(keys.index(mirrored))
+    return np.array(perm)
+
+
+@dataclass
+class RoiLayout:
+    """Integer boxes (x0, y0, x1, y1) of each ROI on a crop, plus the nose-ridge box."""
+
+    boxes: np.ndarray
+    nose: np.ndarray
+
+
+def roi_boxes(landmarks: np.ndarray, specs: list[dict], size: int, half: float,
+              nose_landmarks: list[int]) -> RoiLayout:
+    """Boxes of every ROI for landmarks given in crop pixels (size x size); `half` = half side
+    of a point ROI as a fraction of the crop side."""
+    h = max(1.0, half * size)
+
+    def box(idx: list[int], dy: float = 0.0) -> list[int]:
+        pts = landmarks[idx]
+        x0, y0 = pts.min(0) - h
+        x1, y1 = pts.max(0) + h
+        y0, y1 = y0 + dy * h, y1 + dy * h
+        x0, y0 = int(np.clip(np.floor(x0), 0, size - 2)), int(np.clip(np.floor(y0), 0, size - 2))
+        x1, y1 = int(np.clip(np.ceil(x1), x0 + 2, size)), int(np.clip(np.ceil(y1), y0 + 2, size))
+        return [x0, y0, x1, y1]
+
+    boxes = np.array([box(r["landmarks"], float(r.get("dy", 0.0))) for r in specs], np.int32)
+    return RoiLayout(boxes, np.array(box(nose_landmarks), np.int32))
+
+
+def global_motion(flow: np.ndarray, nose_box: np.ndarray) -> np.ndarray:
+    """Head motion: the median flow over the nose ridge, which no AU moves much."""
+    x0, y0, x1, y1 = nose_box
+    return np.median(flow[y0:y1, x0:x1].reshape(-1, 2), axis=0)
+
+
+def roi_features(flow: np.ndarray, boxes: np.ndarray, top_frac: float, channels: tuple[str, ...],
+                 strain: np.ndarray | None = None) -> np.ndarray:
+    """(R, C) features of one step: per ROI the mean (u, v) and magnitude of its top-k% largest
+    flow vectors, and the mean of its top-k% strain values."""
+    out = np.zeros((len(boxes), len(channels)), np.float32)
+    col = {c: i for i, c in enumerate(channels)}
+    for r, (x0, y0, x1, y1) in enumerate(boxes):
+        vec = flow[y0:y1, x0:x1].reshape(-1, 2)
+        mag = np.hypot(vec[:, 0], vec[:, 1])
+        k = max(1, int(round(top_frac * len(mag))))
+        top = np.argpartition(mag, len(mag) - k)[-k:]
+        if "u" in col:
+            out[r, col["u"]] = vec[top, 0].mean()
+        if "v" in col:
+            out[r, col["v"]] = vec[top, 1].mean()
+        if "mag" in col:
+            out[r, col["mag"]] = mag[top].mean()
+        if "strain" in col and strain is not None:
+            s = strain[y0:y1, x0:x1].ravel()
+            out[r, col["strain"]] = np.partition(s, len(s) - k)[-k:].mean()
+    return out
+
+
+def grid_frames(numbers: np.ndarray, fps: float, grid_ms: float, max_ms: float) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into `numbers`) of the frames nearest to a grid of `grid_ms` steps, and their
+    times in ms from the first frame. Frame numbers, not positions, give time: gaps count."""
+    times = (numbers - numbers[0]) * 1000.0 / fps
+    end = min(times[-1], max_ms)
+    grid = np.arange(0.0, end + 1e-6, grid_ms)
+    pos = np.searchsorted(times, grid)
+    pos = np.clip(pos, 0, len(times) - 1)
+    prev = np.clip(pos - 1, 0, len(times) - 1)
+    pos = np.where(np.abs(times[prev] - grid) <= np.abs(times[pos] - grid), prev, pos)
+    pos = np.unique(pos)
+    return pos, times[pos]

@@ -1,0 +1,61 @@
+"""Dense optical flow between the reference (first) crop and a later crop, and optical strain."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import cv2
+import numpy as np
+
+FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+DIS_PRESETS = {
+    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+}
+METHODS = ("dis", "farneback")
+
+
+def make_flow(method: str = "dis", preset: str = "medium") -> FlowFn:
+    """A function (ref, cur) -> (H, W, 2) float32 flow in pixels, ref(x) ~ cur(x + flow(x)).
+
+    DIS (Kroeger et al. 2016) is the default: several times faster than Farneback at equal or
+    better accuracy on sub-pixel facial motion (see README, benchmarks)."""
+    if method == "dis":
+        if preset not in DIS_PRESETS:
+            raise ValueError(f"preprocess.dis_preset must be one of {', '.join(DIS_PRESETS)}, got '{preset}'")
+        dis = cv2.DISOpticalFlow_create(DIS_PRESETS[preset])
+
+        def dis_flow(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+            return dis.calc(ref, cur, None)
+
+        return dis_flow
+    if method == "farneback":
+        def farneback_flow(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+            return cv2.calcOpticalFlowFarneback(ref, cur, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+
+        return farneback_flow
+    raise ValueError(f"preprocess.flow must be one of {', '.join(METHODS)}, got '{method}'")
+
+
+def optical_strain(flow: np.ndarray) -> np.ndarray:
+    """Magnitude of the infinitesimal strain tensor of a flow field, (H, W) float32.
+
+    Strain highlights local deformation of the skin and is blind to rigid translation."""
+    u, v = flow[..., 0], flow[..., 1]
+    du_dy, du_dx = np.gradient(u)
+    dv_dy, dv_dx = np.gradient(v)
+    shear = 0.5 * (du_dy + dv_dx)
+    return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2 * shear ** 2).astype(np.float32)
+
+
+def flow_to_rgb(flow: np.ndarray, max_mag: float | None = None) -> np.ndarray:
+    """Colour picture of a flow field (hue = direction, brightness = magnitude) for inspection."""
+    mag, ang = cv2.cartToPolar(flow[..., 0].astype(np.float32), flow[..., 1].astype(np.float32))
+    max_mag = max_mag or float(np.percentile(mag, 99.5)) or 1.0
+    hsv = np.zeros(flow.shape[:2] + (3,), np.uint8)
+    hsv[..., 0] = (ang * 90 / np.pi).astype(np.uint8)
+    hsv[..., 1] = 255
+    hsv[..., 2] = np.clip(mag / max_mag * 255, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
