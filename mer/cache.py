@@ -32,7 +32,10 @@ MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "rea
 
 def cache_key(cfg: dict) -> str:
     """Hash of every setting that changes the cached tensors (not where they are stored)."""
+    from .features import roi_specs
+
     settings = {k: v for k, v in cfg["preprocess"].items() if k != "cache_dir"}
+    settings["rois"] = roi_specs(settings["rois"])  # 'default' resolved: its definition counts
     data = {k: cfg["data"][k] for k in ("fps", "protocol", "image_exts")}
     return stable_hash({"preprocess": settings, "data": data, "version": FEATURE_VERSION})
 
@@ -95,6 +98,14 @@ def read_meta(cdir: Path) -> dict:
     if not p.is_file():
         raise UserError(f"{cdir} is not a preprocessed cache (no meta.yaml); run preprocess.py")
     return yaml.safe_load(p.read_text(encoding="utf-8"))
+
+
+def read_cache_config(cdir: Path) -> dict:
+    """The resolved config that produced a cache (as saved, not re-validated)."""
+    path = Path(cdir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{cdir} has no config.yaml: not a cache made by preprocess.py")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def write_manifest(cdir: Path, split: str, df: pd.DataFrame) -> Path:

@@ -33,31 +33,32 @@ def dlib_model_path() -> Path:
 
 
 class DlibLandmarks:
-    """dlib HOG face detector (on a half-size image, for speed) + the 68-point shape predictor."""
+    """dlib HOG face detector (on a frame scaled to `detect_width`, for speed) + the 68-point
+    shape predictor on the full-resolution frame."""
 
-    def __init__(self, upsample: int = 0):
+    def __init__(self, upsample: int = 0, detect_width: int = 320):
         import dlib
 
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(dlib_model_path()))
         self.upsample = upsample
+        self.detect_width = detect_width
         self._dlib = dlib
 
     def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, float] | None:
         """(68x2 landmarks, detector score) of the most confident face, or None."""
-        small = cv2.resize(gray, (gray.shape[1] // 2, gray.shape[0] // 2), interpolation=cv2.INTER_AREA)
-        rects, scores, _ = self.detector.run(small, self.upsample, -0.3)
-        if len(rects) == 0:
-            rects, scores, _ = self.detector.run(gray, self.upsample, -0.3)
-            factor = 1.0
-        else:
-            factor = 2.0
+        factor = max(1.0, gray.shape[1] / self.detect_width)
+        for f in dict.fromkeys([factor, 1.0]):  # small image first; full size if that finds nothing
+            img = gray if f == 1.0 else cv2.resize(
+                gray, (round(gray.shape[1] / f), round(gray.shape[0] / f)), interpolation=cv2.INTER_AREA)
+            rects, scores, _ = self.detector.run(img, self.upsample, -0.3)
+            if len(rects):
+                break
         if len(rects) == 0:
             return None
         best = int(np.argmax([r.area() * (1 + s) for r, s in zip(rects, scores)]))
         r = rects[best]
-        rect = self._dlib.rectangle(int(r.left() * factor), int(r.top() * factor),
-                                    int(r.right() * factor), int(r.bottom() * factor))
+        rect = self._dlib.rectangle(round(r.left() * f), round(r.top() * f), round(r.right() * f), round(r.bottom() * f))
         shape = self.predictor(gray, rect)
         pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
         return pts, float(scores[best])
@@ -92,9 +93,9 @@ class FanLandmarks:
         return np.asarray(preds[best][:, :2], np.float32), float(np.mean(scores[best]))
 
 
-def make_landmarker(name: str, upsample: int = 0, device: str = "cpu"):
+def make_landmarker(name: str, upsample: int = 0, device: str = "cpu", detect_width: int = 320):
     if name == "dlib":
-        return DlibLandmarks(upsample)
+        return DlibLandmarks(upsample, detect_width)
     if name == "fan":
         return FanLandmarks(device)
     raise UserError(f"preprocess.landmarks must be dlib or fan, got '{name}'")

@@ -17,16 +17,18 @@ MIRROR_68 = np.array(
      27, 28, 29, 30, 35, 34, 33, 32, 31, 45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40, 54, 53, 52, 51,
      50, 49, 48, 59, 58, 57, 56, 55, 64, 63, 62, 61, 60, 67, 66, 65])
 
-# The 18 ROIs of the reference method (image-left / image-right as seen in the frame).
+# The 18 ROIs of the reference method (image-left / image-right as seen in the frame). dy shifts a
+# box down (+) or up (-) in half-sides: brow boxes sit above the brow, clear of the eyelids' blinks;
+# lower-eyelid boxes sit below the lid.
 DEFAULT_ROIS: list[dict] = [
-    {"name": "brow_left", "landmarks": [17, 18, 19, 20, 21]},
-    {"name": "brow_left_18", "landmarks": [18]},
-    {"name": "brow_left_19", "landmarks": [19]},
-    {"name": "brow_left_20", "landmarks": [20]},
-    {"name": "brow_right", "landmarks": [22, 23, 24, 25, 26]},
-    {"name": "brow_right_23", "landmarks": [23]},
-    {"name": "brow_right_24", "landmarks": [24]},
-    {"name": "brow_right_25", "landmarks": [25]},
+    {"name": "brow_left", "landmarks": [17, 18, 19, 20, 21], "dy": -0.6},
+    {"name": "brow_left_18", "landmarks": [18], "dy": -0.6},
+    {"name": "brow_left_19", "landmarks": [19], "dy": -0.6},
+    {"name": "brow_left_20", "landmarks": [20], "dy": -0.6},
+    {"name": "brow_right", "landmarks": [22, 23, 24, 25, 26], "dy": -0.6},
+    {"name": "brow_right_23", "landmarks": [23], "dy": -0.6},
+    {"name": "brow_right_24", "landmarks": [24], "dy": -0.6},
+    {"name": "brow_right_25", "landmarks": [25], "dy": -0.6},
     {"name": "mouth", "landmarks": list(range(48, 60))},
     {"name": "mouth_48", "landmarks": [48]},
     {"name": "mouth_54", "landmarks": [54]},
@@ -100,27 +102,38 @@ def global_motion(flow: np.ndarray, nose_box: np.ndarray) -> np.ndarray:
     return np.median(flow[y0:y1, x0:x1].reshape(-1, 2), axis=0)
 
 
-def roi_features(flow: np.ndarray, boxes: np.ndarray, top_frac: float, channels: tuple[str, ...],
-                 strain: np.ndarray | None = None) -> np.ndarray:
-    """(R, C) features of one step: per ROI the mean (u, v) and magnitude of its top-k% largest
-    flow vectors, and the mean of its top-k% strain values."""
-    out = np.zeros((len(boxes), len(channels)), np.float32)
-    col = {c: i for i, c in enumerate(channels)}
-    for r, (x0, y0, x1, y1) in enumerate(boxes):
-        vec = flow[y0:y1, x0:x1].reshape(-1, 2)
-        mag = np.hypot(vec[:, 0], vec[:, 1])
-        k = max(1, int(round(top_frac * len(mag))))
-        top = np.argpartition(mag, len(mag) - k)[-k:]
-        if "u" in col:
-            out[r, col["u"]] = vec[top, 0].mean()
-        if "v" in col:
-            out[r, col["v"]] = vec[top, 1].mean()
-        if "mag" in col:
-            out[r, col["mag"]] = mag[top].mean()
-        if "strain" in col and strain is not None:
-            s = strain[y0:y1, x0:x1].ravel()
-            out[r, col["strain"]] = np.partition(s, len(s) - k)[-k:].mean()
-    return out
+class RoiPooler:
+    """Per step, the (R, C) features: per ROI the mean (u, v) and magnitude of its top-k% largest
+    flow vectors, and the mean of its top-k% strain values. Box indices are computed once per
+    clip, so a step costs two small numpy calls per ROI."""
+
+    def __init__(self, boxes: np.ndarray, size: int, top_frac: float, channels: tuple[str, ...]):
+        self.idx = [(np.arange(y0, y1)[:, None] * size + np.arange(x0, x1)[None, :]).ravel()
+                    for x0, y0, x1, y1 in boxes]
+        self.k = np.array([max(1, int(round(top_frac * len(i)))) for i in self.idx])
+        self.starts = np.concatenate([[0], np.cumsum(self.k)[:-1]])
+        self.channels = tuple(channels)
+        unknown = set(self.channels) - set(CHANNELS)
+        if unknown:
+            raise ValueError(f"preprocess.channels: unknown {', '.join(sorted(unknown))} (valid: {', '.join(CHANNELS)})")
+
+    def __call__(self, flow: np.ndarray, strain: np.ndarray | None = None) -> np.ndarray:
+        u, v = flow[..., 0].ravel(), flow[..., 1].ravel()
+        mag = np.hypot(u, v)
+        top = np.concatenate([i[np.argpartition(mag[i], len(i) - k)[-k:]] for i, k in zip(self.idx, self.k)])
+        pooled = {
+            "u": lambda: np.add.reduceat(u[top], self.starts) / self.k,
+            "v": lambda: np.add.reduceat(v[top], self.starts) / self.k,
+            "mag": lambda: np.add.reduceat(mag[top], self.starts) / self.k,
+            "strain": lambda: self._top_strain(strain),
+        }
+        return np.stack([pooled[c]() for c in self.channels], axis=1).astype(np.float32)
+
+    def _top_strain(self, strain: np.ndarray | None) -> np.ndarray:
+        if strain is None:
+            raise ValueError("the strain channel needs the strain map")
+        s = strain.ravel()
+        return np.array([np.partition(s[i], len(i) - k)[-k:].mean() for i, k in zip(self.idx, self.k)])
 
 
 def grid_frames(numbers: np.ndarray, fps: float, grid_ms: float, max_ms: float) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from . import cache as C
 from .cli import UserError
 from .data import TEST_SPLITS, Dataset, frame_number, list_frames
 from .face import centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
-from .features import roi_boxes, roi_features, roi_specs, global_motion, grid_frames
+from .features import RoiPooler, global_motion, grid_frames, roi_boxes, roi_specs
 from .flow import make_flow, optical_strain
 
 log = logging.getLogger("mer.preprocess")
@@ -70,7 +70,7 @@ class Extractor:
     def landmarker(self):
         if self._landmarker is None:
             p = self.cfg["preprocess"]
-            self._landmarker = make_landmarker(p["landmarks"], p["detect_upsample"], self.device)
+            self._landmarker = make_landmarker(p["landmarks"], p["detect_upsample"], self.device, p["detect_width"])
         return self._landmarker
 
     # ------------------------------------------------------------------ one clip
@@ -137,6 +137,7 @@ class Extractor:
 
         crop_lm = transform_points(m, landmarks)
         layout = roi_boxes(crop_lm, self.specs, fsize, p["roi_size"], p["nose_landmarks"])
+        pool = RoiPooler(layout.boxes, fsize, p["top_frac"], self.channels)
         eye_dist = float(np.hypot(*(crop_lm[42] - crop_lm[39])))
         unit = 100.0 / eye_dist  # features in % of the inner-eye-corner distance: face-size free
         ref = cv2.warpAffine(ref_img, m, (fsize, fsize), flags=cv2.INTER_AREA)
@@ -161,7 +162,7 @@ class Extractor:
             g = global_motion(flow, layout.nose)
             flow -= g
             strain = optical_strain(flow) if use_strain else None
-            f = roi_features(flow, layout.boxes, p["top_frac"], self.channels, strain)
+            f = pool(flow, strain)
             feats.append(f)
             kept_t.append(t)
             kept_n.append(numbers[i])
@@ -412,7 +413,7 @@ def run(root: str | Path, cfg: dict, splits: list[str] | None = None, workers: i
     cdir = C.cache_dir(cfg, root)
     save_config(cfg, cdir / "config.yaml")
     meta = {"dataset": ds.name, "root": str(Path(root).resolve()), "key": cdir.name, "classes": ds.classes,
-            "roi_names": [r["name"] for r in roi_specs(cfg["preprocess"]["rois"])],
+            "rois": roi_specs(cfg["preprocess"]["rois"]),
             "channels": list(cfg["preprocess"]["channels"]), "splits": sorted(set(splits) | _cached_splits(cdir)),
             "feature_version": C.FEATURE_VERSION}
     C.write_meta(cdir, meta)

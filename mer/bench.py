@@ -1,0 +1,206 @@
+"""Benchmarks that print figures (never timed tests): `python -m mer.bench preprocess|train`.
+
+preprocess: CPU per frame read against the floor of decoding those frames; CPU per clip against
+a reference pipeline (Farneback on the full 256 px crop for every frame, as public MER code
+does), with the accuracy of both feature sets on the same clips; peak memory for a 500-frame clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from .cli import setup_logging
+from .config import load_config
+
+log = logging.getLogger("mer.bench")
+
+
+def _dataset(path: Path | None, clips: int, seed: int, workers: int) -> Path:
+    """A generated benchmark set (reused if it exists)."""
+    from .synth import SynthConfig, generate
+
+    out = path or Path(tempfile.gettempdir()) / f"mer_bench_{clips}_{seed}"
+    if (out / "train.xlsx").is_file():
+        log.info("reusing generated set %s", out)
+        return out
+    subjects = max(6, clips // 5)
+    n_test = max(1, subjects // 5)
+    cfg = SynthConfig(subjects=subjects, clips_per_subject=max(1, round(clips / subjects)), seed=seed,
+                      split_subjects=(subjects - 2 * n_test, n_test, n_test))
+    generate(out, cfg, workers=workers, progress=True)
+    return out
+
+
+def _summary_features(features: np.ndarray) -> np.ndarray:
+    """Per-ROI temporal statistics of (T, R, C) features, for a linear probe of feature quality."""
+    u, v = features[..., 0], features[..., 1]
+    mag = np.hypot(u, v)
+    peak = mag.argmax(0)
+    r = np.arange(mag.shape[1])
+    return np.concatenate([mag.max(0), mag.mean(0), u[peak, r], v[peak, r], u.mean(0), v.mean(0),
+                           peak / len(mag)])
+
+
+def probe_uf1(feats: list[np.ndarray], labels: np.ndarray, subjects: np.ndarray, seed: int = 0) -> float:
+    """Out-of-fold UF1 of a class-balanced logistic regression on per-ROI statistics
+    (subject-independent folds): a cheap, model-free measure of how informative features are."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .metrics import scores
+
+    x = np.stack([_summary_features(f) for f in feats])
+    n_splits = min(5, len(np.unique(subjects)), np.bincount(labels).max())
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, class_weight="balanced", max_iter=3000))
+    pred = cross_val_predict(clf, x, labels, groups=subjects,
+                             cv=StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed))
+    return scores(labels, pred, n_classes=int(labels.max()) + 1)["uf1"]
+
+
+def reference_features(clip, cfg: dict, extractor) -> tuple[np.ndarray, int]:
+    """Public-code style: decode EVERY frame, crop at 256 px, Farneback from the first frame,
+    same ROIs and pooling. Returns (features, frames read)."""
+    from .data import list_frames
+    from .face import crop_matrix, transform_points
+    from .features import RoiPooler, global_motion, roi_boxes
+    from .flow import make_flow
+
+    p = cfg["preprocess"]
+    size = p["crop_size"]
+    frames = list_frames(clip.frames_dir)
+    first = cv2.imread(str(frames[0]), cv2.IMREAD_GRAYSCALE)
+    landmarks, _ = extractor.landmarker(first)
+    m = crop_matrix(landmarks, size, p["crop_scale"], p["crop_center_y"])
+    lm = transform_points(m, landmarks)
+    layout = roi_boxes(lm, extractor.specs, size, p["roi_size"], p["nose_landmarks"])
+    pool = RoiPooler(layout.boxes, size, p["top_frac"], ("u", "v", "mag"))
+    flow_fn = make_flow("farneback")
+    ref = cv2.warpAffine(first, m, (size, size))
+    feats = []
+    for f in frames[1:]:
+        cur = cv2.warpAffine(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), m, (size, size))
+        flow = flow_fn(ref, cur)
+        flow -= global_motion(flow, layout.nose)
+        feats.append(pool(flow))
+    unit = 100.0 / float(np.hypot(*(lm[42] - lm[39])))
+    return np.stack(feats) * unit, len(frames)
+
+
+def bench_preprocess(args: argparse.Namespace) -> None:
+    from .data import frame_number, list_frames, load_dataset, resolve_issues
+    from .preprocessing import Extractor, clips_of
+
+    cv2.setNumThreads(1)
+    cfg = load_config(args.config, args.set)
+    root = _dataset(args.data, args.clips, args.seed, args.workers)
+    ds = resolve_issues(load_dataset(root, cfg))
+    clips = clips_of(ds, ds.splits, cfg["data"]["image_exts"])
+    truth = _truth_labels(root, ds)
+    ex = Extractor(cfg)
+    ex.landmarker  # model loading is once per worker, not per clip: keep it out of the timings
+    rows, ours, theirs = [], [], []
+    for clip in clips:
+        t0 = time.process_time()
+        res = ex.process(clip)
+        cpu = time.process_time() - t0
+        frames = list_frames(clip.frames_dir)
+        read = set(int(n) for n in res["frame_numbers"]) | {int(res["detect_frame"])}
+        t0 = time.process_time()
+        for f in frames:
+            if frame_number(f) in read:
+                cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+        floor = time.process_time() - t0
+        row = {"sample": clip.sample, "fps": clip.fps, "frames": len(frames), "read": int(res["frames_read"]),
+               "cpu": cpu, "decode_floor": floor}
+        ours.append(res["features"])
+        if not args.skip_reference:
+            t0 = time.process_time()
+            f_ref, _ = reference_features(clip, cfg, ex)
+            row["cpu_reference"] = time.process_time() - t0
+            theirs.append(f_ref)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    labels = np.array([truth[c.sample][0] for c in clips])
+    subjects = np.array([truth[c.sample][1] for c in clips])
+    per_frame = df["cpu"].sum() / df["read"].sum() * 1000
+    floor = df["decode_floor"].sum() / df["read"].sum() * 1000
+    p = cfg["preprocess"]
+    print(f"preprocess benchmark: {len(df)} generated clips from {root} "
+          f"({df['frames'].sum()} frames, fps {sorted(set(df['fps'].astype(int)))}); "
+          f"flow={p['flow']} ({p['dis_preset']}) at {p['flow_size']} px, grid {p['grid_ms']:g} ms")
+    print(f"  CPU per frame read: {per_frame:.2f} ms; decoding those frames alone: {floor:.2f} ms "
+          f"-> ratio {per_frame / floor:.2f}x (target <= 1.5x)")
+    print(f"  frames read per clip: {df['read'].mean():.1f} of {df['frames'].mean():.1f}; "
+          f"CPU per clip: {df['cpu'].mean() * 1000:.0f} ms")
+    print(f"  linear-probe UF1 (subject-independent CV) of our features: {probe_uf1(ours, labels, subjects):.3f}")
+    if not args.skip_reference:
+        ratio = df["cpu_reference"].sum() / df["cpu"].sum()
+        print(f"  reference (Farneback, 256 px crop, every frame): CPU per clip "
+              f"{df['cpu_reference'].mean() * 1000:.0f} ms -> ours uses {ratio:.1f}x less CPU (target >= 6x); "
+              f"its linear-probe UF1: {probe_uf1(theirs, labels, subjects):.3f}")
+    print(f"  peak memory of one worker on a 500-frame clip: {_peak_memory(root, ds, args):.0f} MB (target < 1024 MB)")
+
+
+def _truth_labels(root: Path, ds) -> dict[str, tuple[int, str]]:
+    from .synth import default_truth_dir
+
+    truth = {}
+    tdir = default_truth_dir(root)
+    for split in ds.splits:
+        t = pd.read_csv(tdir / f"{split}.csv", dtype={"Filename": str, "Subject": str})
+        truth.update({r.Filename: (int(r.EmotionId), r.Subject) for r in t.itertuples()})
+    return truth
+
+
+def _peak_memory(root: Path, ds, args: argparse.Namespace) -> float:
+    """Peak RSS of a fresh process preprocessing one 500-frame clip (frames repeated from a real one)."""
+    src = ds.table.iloc[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_dir = Path(tmp) / "long" / "clip"
+        clip_dir.mkdir(parents=True)
+        frames = sorted(Path(src["frames_dir"]).iterdir())
+        for k in range(500):
+            (clip_dir / f"{k + 1:05d}.png").symlink_to(frames[k % len(frames)])
+        code = (
+            "import resource,sys; sys.path.insert(0, %r)\n"
+            "from mer.config import load_config\n"
+            "from mer.preprocessing import Extractor, Clip\n"
+            "r = Extractor(load_config()).process(Clip('test_B', 'long', %r, 500.0))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        ) % (str(Path(__file__).resolve().parents[1]), str(clip_dir))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mer.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["preprocess", "train"])
+    parser.add_argument("--data", type=Path, help="generated dataset to use (default: generate one in /tmp)")
+    parser.add_argument("--clips", type=int, default=60, help="clips to generate")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="generator processes")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args(argv)
+    setup_logging()
+    {"preprocess": bench_preprocess}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The report of a training run: scores over ALL out-of-fold predictions (never averaged per
+fold), per class, per seed and for the seed ensemble, with a confusion matrix and learning curves."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .metrics import confusion, format_scores, scores
+
+log = logging.getLogger("mer.report")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def read_oof(run_dir: Path) -> pd.DataFrame:
+    """Every out-of-fold prediction of a run: one row per (sample, seed)."""
+    files = sorted(Path(run_dir).glob("fold*/seed*/oof.csv"))
+    if not files:
+        return pd.DataFrame()
+    return pd.concat([pd.read_csv(f, dtype={"sample": str, "subject": str}) for f in files], ignore_index=True)
+
+
+def logit_columns(df: pd.DataFrame) -> list[str]:
+    return sorted((c for c in df.columns if c.startswith("logit_")), key=lambda c: int(c.split("_")[1]))
+
+
+def ensemble_oof(oof: pd.DataFrame) -> pd.DataFrame:
+    """Per sample, the mean class probabilities over the run's seeds (as predict.py combines them)."""
+    cols = logit_columns(oof)
+    probs = pd.DataFrame(softmax(oof[cols].to_numpy()), columns=[f"p_{c.split('_')[1]}" for c in cols])
+    probs[["sample", "subject", "label", "fold"]] = oof[["sample", "subject", "label", "fold"]].to_numpy()
+    return probs.groupby(["sample", "subject", "label", "fold"], sort=False).mean().reset_index()
+
+
+def write_report(run_dir: str | Path) -> dict:
+    """Write report.json, report.md, per_class.csv, oof_ensemble.csv, confusion.png and
+    learning_curves.png into the run folder; return the summary."""
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    classes = info["classes"]
+    k = len(classes)
+    oof = read_oof(run_dir)
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"sample": str})
+    n_folds = int(folds["fold"].max()) + 1
+    if oof.empty:
+        log.warning("%s: no finished fold yet", run_dir)
+        return {}
+    seeds = sorted(oof["seed"].unique())
+    done = oof.groupby("seed")["fold"].nunique()
+    complete = all(done.get(s, 0) == n_folds for s in seeds)
+    per_seed = {}
+    for s in seeds:
+        d = oof[oof["seed"] == s]
+        per_seed[int(s)] = scores(d["label"], d[logit_columns(d)].to_numpy().argmax(1), k)
+    ens = ensemble_oof(oof)
+    pcols = [f"p_{i}" for i in range(k)]
+    ens_pred = ens[pcols].to_numpy().argmax(1)
+    ens_scores = scores(ens["label"].astype(int), ens_pred, k, class_names=classes)
+    ens.assign(pred=ens_pred).to_csv(run_dir / "oof_ensemble.csv", index=False)
+    ens_scores["per_class"].to_csv(run_dir / "per_class.csv", index=False)
+    summary = {
+        "model": info.get("model"), "complete": complete, "folds": n_folds, "seeds": [int(s) for s in seeds],
+        "n_clips": int(len(ens)),
+        "ensemble": {m: float(ens_scores[m]) for m in ("uf1", "uar", "acc")},
+        "per_seed": {s: {m: float(v[m]) for m in ("uf1", "uar", "acc")} for s, v in per_seed.items()},
+    }
+    (run_dir / "report.json").write_text(json.dumps(summary, indent=1))
+    lines = [f"# Run {run_dir.name}", "",
+             f"Model `{info.get('model')}`, {n_folds} subject-independent folds, seeds {summary['seeds']}"
+             + ("" if complete else " (INCOMPLETE: some folds have not finished)") + ".",
+             "Scores over all out-of-fold predictions concatenated (not averaged per fold).", "",
+             "| predictions | UF1 | UAR | ACC |", "|---|---|---|---|"]
+    for s, v in per_seed.items():
+        lines.append(f"| seed {s} | {v['uf1']:.4f} | {v['uar']:.4f} | {100 * v['acc']:.2f}% |")
+    lines.append(f"| mean of the {len(seeds)} seeds' probabilities | {ens_scores['uf1']:.4f} | "
+                 f"{ens_scores['uar']:.4f} | {100 * ens_scores['acc']:.2f}% |")
+    lines += ["", "Per class (seed ensemble):", "", ens_scores["per_class"].to_markdown(index=False, floatfmt=".3f")
+              if _has_tabulate() else ens_scores["per_class"].to_string(index=False)]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    _plot_confusion(confusion(ens["label"].astype(int), ens_pred, k), classes, run_dir / "confusion.png",
+                    f"{run_dir.name}: out-of-fold, seed ensemble\n{format_scores(ens_scores)}")
+    _plot_curves(run_dir)
+    log.info("%s: out-of-fold %s%s", run_dir, format_scores(ens_scores), "" if complete else " (incomplete run)")
+    return summary
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(run_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(run_dir.glob("fold*/seed*/metrics.csv"))
+    if not files:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for f in files:
+        m = pd.read_csv(f)
+        label = f"{f.parts[-3]} {f.parts[-2]}"
+        axes[0].plot(m["epoch"], m["train_loss"], lw=1, label=label)
+        if "heldout_uf1" in m:
+            axes[1].plot(m["epoch"], m["heldout_uf1"], lw=1, label=label)
+    axes[0].set_title("training loss")
+    axes[1].set_title("held-out fold UF1 per epoch (diagnostic, not used for selection)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(run_dir / "learning_curves.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,50 @@
+"""Train seeded models on subject-independent folds from the preprocessed cache.
+
+    python train.py --fold all                       # every fold x seed, then the report
+    python train.py --fold 2 --seeds 0               # one job of a cluster array
+    python train.py --model apex_cnn --name apex     # the onset-apex baseline on the same folds
+    python train.py --explain SAMPLE --name RUN      # ROI x time attention heatmap of one clip
+"""
+
+import argparse
+
+from mer.cli import add_config_args, config_from_args, resolve_device, run_main, setup_logging
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fold", default="all", help="'all' or one fold number")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: train.seeds of the config)")
+    parser.add_argument("--model", help="model name (shortcut for --set model.name=)")
+    parser.add_argument("--name", help="run name: outputs go to runs/NAME (default: the model name)")
+    parser.add_argument("--root", help="dataset whose cache to use (when several are cached)")
+    parser.add_argument("--cache", help="cache folder to use (cache/<dataset>/<key>)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--explain", metavar="SAMPLE", help="write the attention heatmap of one train clip")
+    parser.add_argument("--out", help="where --explain writes its PNG")
+    add_config_args(parser)
+    args = parser.parse_args()
+
+    def go() -> None:
+        from mer.cache import find_cache
+        from mer.training import run_training
+
+        setup_logging(args.verbose)
+        cfg = config_from_args(args)
+        if args.model:
+            cfg["model"]["name"] = args.model
+        name = args.name or cfg["model"]["name"]
+        device = resolve_device(args.device)
+        if args.explain:
+            from mer.explain import explain
+
+            explain(cfg, name, args.explain, args.out, device)
+            return
+        cdir = find_cache(cfg["preprocess"]["cache_dir"], args.root, args.cache, cfg)
+        run_training(cdir, cfg, name, args.fold, args.seeds, device)
+
+    run_main(go)
+
+
+if __name__ == "__main__":
+    main()
