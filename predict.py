@@ -1,0 +1,37 @@
+"""Predict a test split with every fold x seed model of a run; print the submission CSV.
+
+    python predict.py --split test_B > submission.csv
+    python predict.py --split test_A --name sequence --truth truth/test_A.csv   # local scoring
+
+stdout carries only the CSV (Filename,EmotionId); logs go to stderr. The upload files
+(prediction.txt, prediction.zip) are archived under submissions/<split>-<run>-<time>/.
+"""
+
+import argparse
+
+from mer.cli import add_config_args, config_from_args, resolve_device, run_main, setup_logging
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", required=True, help="test_A | test_B (or any cached split)")
+    parser.add_argument("--name", nargs="+", help="run(s) to average (default: the only run, or the model name)")
+    parser.add_argument("--truth", help="truth table (Filename, EmotionId) to score the submission")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--no-archive", action="store_true", help="print the CSV only")
+    add_config_args(parser)
+    args = parser.parse_args()
+
+    def go() -> None:
+        from mer.ensembling import predict_and_submit
+
+        setup_logging(args.verbose)
+        cfg = config_from_args(args)
+        predict_and_submit(cfg, args.name, args.split, resolve_device(args.device), truth=args.truth,
+                           archive_files=not args.no_archive)
+
+    run_main(go)
+
+
+if __name__ == "__main__":
+    main()
