@@ -97,9 +97,60 @@ def roi_boxes(landmarks: np.ndarray, specs: list[dict], size: int, half: float,
 
 
 def global_motion(flow: np.ndarray, nose_box: np.ndarray) -> np.ndarray:
-    """Head motion: the median flow over the nose ridge, which no AU moves much."""
+    """Head translation: the median flow over the nose ridge, which no AU moves much."""
     x0, y0, x1, y1 = nose_box
     return np.median(flow[y0:y1, x0:x1].reshape(-1, 2), axis=0)
+
+
+FACE_OUTLINE = list(range(0, 17)) + list(range(26, 16, -1))  # jaw, then brows right to left
+
+
+class HeadMotion:
+    """The head's own motion in a flow field, to subtract before pooling ROIs.
+
+    'nose': the translation of the nose ridge (the reference method). 'similarity': translation,
+    roll and scale fitted by least-median-of-squares to the flow sampled over the whole face, so
+    that the local AU and blink motions (a minority of the face) are outliers and a slow roll no
+    longer leaks into ROIs far from the nose."""
+
+    def __init__(self, method: str, landmarks: np.ndarray, nose_box: np.ndarray, size: int):
+        if method not in ("nose", "similarity"):
+            raise ValueError(f"preprocess.head_motion must be nose or similarity, got '{method}'")
+        self.method, self.nose_box = method, nose_box
+        if method == "similarity":
+            import cv2
+
+            outline = landmarks[FACE_OUTLINE]
+            centre = outline.mean(0)
+            poly = (centre + 0.85 * (outline - centre)).astype(np.int32)  # clear of the face's edge
+            mask = np.zeros((size, size), np.uint8)
+            cv2.fillPoly(mask, [poly], 1)
+            step = max(2, size // 40)
+            ys, xs = np.nonzero(mask[::step, ::step])
+            self.ys, self.xs = ys * step, xs * step
+            self.pts = np.stack([self.xs, self.ys], 1).astype(np.float32)
+            gy, gx = np.mgrid[0:size, 0:size].astype(np.float32)
+            self.grid = np.stack([gx, gy], -1)
+        self.nose_xy = np.array([(nose_box[0] + nose_box[2]) / 2, (nose_box[1] + nose_box[3]) / 2], np.float32)
+
+    def __call__(self, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(motion to subtract: a (2,) vector or an (H, W, 2) field, [dx, dy, roll_deg] at the nose)."""
+        if self.method == "nose":
+            g = global_motion(flow, self.nose_box)
+            return g, np.array([g[0], g[1], 0.0], np.float32)
+        import cv2
+
+        moved = self.pts + flow[self.ys, self.xs]
+        m, _ = cv2.estimateAffinePartial2D(self.pts, moved, method=cv2.LMEDS)
+        if m is None:  # degenerate (e.g. no texture): fall back to the nose
+            g = global_motion(flow, self.nose_box)
+            return g, np.array([g[0], g[1], 0.0], np.float32)
+        m = m.astype(np.float32)
+        lin = m[:, :2] - np.eye(2, dtype=np.float32)
+        field = self.grid @ lin.T + m[:, 2]
+        at_nose = self.nose_xy @ lin.T + m[:, 2]
+        roll = np.degrees(np.arctan2(m[1, 0], m[0, 0]))
+        return field, np.array([at_nose[0], at_nose[1], roll], np.float32)
 
 
 class RoiPooler:

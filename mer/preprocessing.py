@@ -22,7 +22,7 @@ from . import cache as C
 from .cli import UserError
 from .data import TEST_SPLITS, Dataset, frame_number, list_frames
 from .face import centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
-from .features import RoiPooler, global_motion, grid_frames, roi_boxes, roi_specs
+from .features import HeadMotion, RoiPooler, grid_frames, roi_boxes, roi_specs
 from .flow import make_flow, optical_strain
 
 log = logging.getLogger("mer.preprocess")
@@ -138,6 +138,7 @@ class Extractor:
         crop_lm = transform_points(m, landmarks)
         layout = roi_boxes(crop_lm, self.specs, fsize, p["roi_size"], p["nose_landmarks"])
         pool = RoiPooler(layout.boxes, fsize, p["top_frac"], self.channels)
+        head_motion = HeadMotion(p["head_motion"], crop_lm, layout.nose, fsize)
         eye_dist = float(np.hypot(*(crop_lm[42] - crop_lm[39])))
         unit = 100.0 / eye_dist  # features in % of the inner-eye-corner distance: face-size free
         ref = cv2.warpAffine(ref_img, m, (fsize, fsize), flags=cv2.INTER_AREA)
@@ -159,14 +160,15 @@ class Extractor:
             mi[:, 2] -= offset
             cur = cv2.warpAffine(img, mi, (fsize, fsize), flags=cv2.INTER_AREA)
             flow = self._flow(ref, cur)
-            g = global_motion(flow, layout.nose)
-            flow -= g
+            motion, hm = head_motion(flow)
+            flow -= motion
+            g = hm[:2]
             strain = optical_strain(flow) if use_strain else None
             f = pool(flow, strain)
             feats.append(f)
             kept_t.append(t)
             kept_n.append(numbers[i])
-            head.append(offset + g)
+            head.append(np.array([offset[0] + g[0], offset[1] + g[1], hm[2]]))
             motion = float(np.hypot(f[:, 0], f[:, 1]).sum()) if f.shape[1] >= 2 else 0.0
             if motion > best[0]:
                 best = (motion, numbers[i], flow.copy())
@@ -184,7 +186,7 @@ class Extractor:
             "features": features.astype(np.float32),
             "times_ms": np.asarray(kept_t, np.float32),
             "frame_numbers": np.asarray(kept_n, np.int64),
-            "head": np.asarray(head, np.float32) * unit,
+            "head": np.asarray(head, np.float32) * np.array([unit, unit, 1.0], np.float32),
             "landmarks": landmarks.astype(np.float32),
             "crop_matrix": m.astype(np.float32),
             "apex_map": self._apex_map(best[2], unit, apex_size),
@@ -197,14 +199,14 @@ class Extractor:
                 mi = m.copy()
                 mi[:, 2] -= offset
                 flow = self._flow(ref, cv2.warpAffine(img, mi, (fsize, fsize), flags=cv2.INTER_AREA))
-                flow -= global_motion(flow, layout.nose)
+                flow -= head_motion(flow)[0]
                 out["apex_map_annotated"] = self._apex_map(flow, unit, apex_size)
                 apex_annotated = int(clip.apex)
         out["apex_annotated_frame"] = np.int64(apex_annotated)
         rec.update({
             "status": status, "reason": reason, "steps": len(feats),
             "duration_ms": float(kept_t[-1]),
-            "head_motion": float(np.abs(out["head"]).max()),
+            "head_motion": float(np.abs(out["head"][:, :2]).max()),
             "seconds": time.process_time() - t0,
         })
         out.update({k: np.asarray(v) for k, v in rec.items()})

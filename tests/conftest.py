@@ -46,3 +46,49 @@ def tiny_dfme(tmp_path: Path) -> Path:
         write_frames(root / "test_data_A" / s, 8, ext=".jpg")
     write_frames(root / "test_data_B" / "test_data_B" / "d_1", 12, digits=1)
     return root
+
+
+# ----------------------------------------------------------------------------- generated data
+# One small generated DFME-layout set per test session (shared by preprocessing, training and
+# submission tests): 10 subjects (7 train / 1 test_A / 2 test_B), 400x300 frames, mixed fps.
+
+SMALL = dict(subjects=10, clips_per_subject=4, split_subjects=(7, 1, 2), width=400, height=300, seed=11,
+             imbalance=1.0)
+
+
+def small_config(**overrides):
+    from mer.synth import SynthConfig
+
+    return SynthConfig(**{**SMALL, **overrides})
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """The raw generated dataset (frames + tables); its truth is at <root>.truth."""
+    from mer.synth import generate
+
+    root = tmp_path_factory.mktemp("gen") / "DFME_small"
+    generate(root, small_config(), workers=2)
+    return root
+
+
+def work_config(tmp: Path, **sets) -> dict:
+    """The default config with caches and runs under `tmp`, plus fast training settings."""
+    from mer.config import load_config
+
+    base = [f"preprocess.cache_dir={tmp / 'cache'}", f"train.run_dir={tmp / 'runs'}",
+            f"submission.out_dir={tmp / 'submissions'}", "train.epochs=25", "train.folds=3", "train.seeds=[0]",
+            "model.sequence.depth=2", "model.sequence.dim=32", "model.sequence.heads=4"]
+    return load_config(overrides=base + [f"{k}={v}" for k, v in sets.items()])
+
+
+
+@pytest.fixture(scope="session")
+def synth_cache(synth_root, tmp_path_factory):
+    """(config, cache folder) of the generated set, preprocessed once for the session."""
+    from mer.preprocessing import run
+
+    tmp = tmp_path_factory.mktemp("work")
+    cfg = work_config(tmp)
+    cdir = run(synth_root, cfg, workers=2)
+    return cfg, cdir

@@ -1,0 +1,222 @@
+"""Preprocessing on generated clips: motion where and when the generator put it, robustness, cache."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, small_config, work_config
+from mer import cache as C
+from mer.features import DEFAULT_ROIS, mirror_permutation, grid_frames, roi_specs
+from mer.preprocessing import Clip, Extractor, run
+
+ROI = {r["name"]: i for i, r in enumerate(DEFAULT_ROIS)}
+HEAD = 1.0  # the generator's default head drift and roll
+
+
+def render(tmp_path, aus, fps=300, subject=1, emotion="happiness", **cfg):
+    """One generated clip with exactly the given AUs; returns (Clip, truth)."""
+    from mer.synth import single_clip_spec, write_clip
+
+    sc = small_config(width=640, height=480, **cfg)
+    spec = single_clip_spec(sc, emotion, subject_index=subject, fps=fps, aus=aus)
+    d = tmp_path / f"{spec.filename}_{fps}"
+    truth = write_clip(spec, sc, d, fps=fps)
+    return Clip("train", spec.filename, str(d), float(fps)), truth
+
+
+def peak_window(truth, au):
+    """Where the generator put the AU's peak: its hold phase (activation >= 95% of the maximum)."""
+    j = list(truth["au_ids"]).index(au)
+    c = truth["au_curves"][:, j]
+    t = truth["times_ms"][c >= 0.95 * c.max()]
+    return t.min(), t.max()
+
+
+def test_cache_round_trip(synth_cache):
+    cfg, cdir = synth_cache
+    m = C.read_manifest(cdir, "train")
+    assert (m["status"] == "ok").all() and len(m) == 28
+    row = m.iloc[0]
+    cached = C.load_clip(cdir / row["file"])
+    from mer.data import load_dataset
+
+    ds = load_dataset(C.read_meta(cdir)["root"], cfg)
+    r = ds.table[ds.table["sample"] == row["sample"]].iloc[0]
+    fresh = Extractor(cfg).process(Clip("train", r["sample"], r["frames_dir"], r["fps"], apex=r["apex"]))
+    for k in ("features", "times_ms", "frame_numbers", "apex_map", "apex_map_annotated", "landmarks"):
+        np.testing.assert_array_equal(cached[k], fresh[k], err_msg=k)
+    t = cached["times_ms"]
+    assert cached["features"].shape == (len(t), 18, 4)
+    assert np.allclose(np.diff(t), 10, atol=2.5)  # a 10 ms grid whatever the fps
+    assert cached["apex_map"].shape == (3, 64, 64)
+    assert int(cached["apex_annotated_frame"]) == int(r["apex"])
+
+
+@pytest.mark.parametrize("au,roi", [(12, "mouth_54"), (2, "brow_right_25"), (9, "nose_35")])
+def test_roi_motion_peaks_when_the_au_peaks_and_far_rois_stay_still(tmp_path, au, roi):
+    # A clearly visible AU (1.5-2 px), head drift on, no blink (blinks are in the training data).
+    clip, truth = render(tmp_path, [au], head_motion=HEAD, blink_prob=0.0, amplitude_px=(1.5, 2.0))
+    res = Extractor(work_config(tmp_path)).process(clip)
+    f, t = res["features"], res["times_ms"]
+    mag = np.hypot(f[..., 0], f[..., 1])
+    twin = mirror_permutation(roi_specs("default"))[ROI[roi]]
+    r = max((ROI[roi], twin), key=lambda i: mag[:, i].max())
+    lo, hi = peak_window(truth, au)
+    assert lo - 10 - 1e-6 <= t[np.argmax(mag[:, r])] <= hi + 10 + 1e-6  # within one grid step of the peak
+    far = {12: "brow_left_19", 2: "mouth_57", 9: "brow_right_24"}[au]
+    assert mag[:, ROI[far]].max() < 0.35 * mag[:, r].max()  # head motion removed, no leakage
+    assert np.abs(res["head"]).max() > 0.1  # the head did move, and was measured
+
+
+def test_same_clip_at_200_and_500_fps_agrees_on_the_ms_grid(tmp_path):
+    cfg = work_config(tmp_path)
+    curves = []
+    for fps in (200, 500):
+        clip, truth = render(tmp_path, [12, 6], fps=fps, subject=2, amplitude_px=(1.5, 2.0))
+        res = Extractor(cfg).process(clip)
+        curves.append((res["times_ms"], np.hypot(res["features"][..., 0], res["features"][..., 1])))
+    (t2, m2), (t5, m5) = curves
+    n = min(len(t2), len(t5))
+    assert np.allclose(t2[:n], t5[:n], atol=2.5)
+    for r in (ROI["mouth_48"], ROI["mouth_54"]):
+        a, b = m2[:n, r], m5[:n, r]
+        assert np.corrcoef(a, b)[0, 1] > 0.9
+        rise_a, rise_b = np.argmax(a >= 0.5 * a.max()), np.argmax(b >= 0.5 * b.max())
+        assert abs(int(rise_a) - int(rise_b)) <= 1  # the motion starts at the same ms
+        assert abs(a.max() - b.max()) < 0.25 * max(a.max(), b.max())
+
+
+def test_grid_uses_frame_numbers_so_gaps_keep_time():
+    numbers = np.array([1, 2, 3, 4, 8, 9, 10, 11, 12, 13], float)  # frames 5-7 missing
+    pos, times = grid_frames(numbers, 100.0, 20.0, 1e9)
+    assert list(times) == [0, 20, 30, 70, 80, 100, 120]  # nearest available frame to each 20 ms step
+
+
+def test_mirror_permutation_pairs_left_and_right():
+    perm = mirror_permutation(roi_specs("default"))
+    names = [r["name"] for r in DEFAULT_ROIS]
+    pairs = {names[i]: names[j] for i, j in enumerate(perm)}
+    assert pairs["brow_left_18"] == "brow_right_25" and pairs["mouth_48"] == "mouth_54"
+    assert pairs["nose_31"] == "nose_35" and pairs["mouth_51"] == "mouth_51" and pairs["eyelid_left"] == "eyelid_right"
+    assert (perm[perm] == np.arange(len(perm))).all()
+
+
+def test_changing_a_setting_changes_the_cache_key(tmp_path):
+    base = work_config(tmp_path)
+    key = C.cache_key(base)
+    for k, v in [("flow", "farneback"), ("grid_ms", 20.0), ("top_frac", 0.3), ("crop_size", 192),
+                 ("rois", [{"name": "a", "landmarks": [48]}, {"name": "b", "landmarks": [54]}])]:
+        cfg = work_config(tmp_path)
+        cfg["preprocess"][k] = v
+        assert C.cache_key(cfg) != key, k
+    cfg = work_config(tmp_path / "elsewhere")
+    assert C.cache_key(cfg) == key  # where the cache lives is not a setting of the tensors
+
+
+def _small_copy(src: Path, dst: Path, samples: dict[str, list[str]]) -> Path:
+    """A copy of the generated set holding only some clips (tables filtered)."""
+    from mer.synth import write_xlsx
+
+    dst.mkdir(parents=True)
+    for split, table, folder in [("train", "train.xlsx", "train_data"), ("test_A", "test_A.xlsx", "test_data_A"),
+                                 ("test_B", "test_B.xlsx", "test_data_B/test_data_B")]:
+        t = pd.read_excel(src / table, dtype={"Filename": str})
+        t = t[t["Filename"].isin(samples.get(split, []))]
+        write_xlsx(t, dst / table)
+        for s in t["Filename"]:
+            shutil.copytree(src / folder / s, dst / folder / s)
+    return dst
+
+
+def _names(root: Path, table: str, n: int) -> list[str]:
+    return list(pd.read_excel(root / table, dtype={"Filename": str})["Filename"][:n])
+
+
+def test_bad_clips_end_as_specified(synth_root, tmp_path):
+    train, test = _names(synth_root, "train.xlsx", 4), _names(synth_root, "test_B.xlsx", 2)
+    root = _small_copy(synth_root, tmp_path / "D", {"train": train, "test_B": test})
+    for f in sorted((root / "train_data" / train[0]).iterdir())[10:16]:  # at least one on the grid
+        f.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    for f in sorted((root / "train_data" / train[1]).iterdir())[20:40]:
+        f.unlink()  # missing frames in the middle
+    blank = np.full((300, 400, 3), 90, np.uint8)
+    for d in (root / "train_data" / train[2], root / "test_data_B" / "test_data_B" / test[0]):
+        for f in d.iterdir():
+            cv2.imwrite(str(f), blank)  # no face anywhere
+    cfg = work_config(tmp_path)
+    cdir = run(root, cfg)
+    m = pd.concat([C.read_manifest(cdir, s) for s in ("train", "test_B")]).set_index("sample")
+    assert m.loc[train[0], "status"] == "ok" and m.loc[train[0], "unreadable"] >= 1
+    assert m.loc[train[1], "status"] == "ok"
+    z = C.load_clip(cdir / m.loc[train[1], "file"])
+    assert z["times_ms"][-1] > 0 and not (np.diff(z["frame_numbers"]) == 0).any()
+    assert m.loc[train[2], "status"] == "failed" and "no face found" in m.loc[train[2], "reason"]
+    assert m.loc[test[0], "status"] == "fallback" and "centred box" in m.loc[test[0], "reason"]
+    fb = C.load_clip(cdir / m.loc[test[0], "file"])
+    assert fb["features"].shape[1:] == (18, 4) and np.isfinite(fb["features"]).all()
+    assert m.loc[test[1], "status"] == "ok"
+    from mer.training import load_clips
+
+    assert train[2] not in load_clips(cdir, "train").samples  # a failed train clip is left out
+    assert load_clips(cdir, "test_B", require_all=True).samples == test  # the fallback one still predicts
+
+
+def _npz_arrays(cdir: Path) -> dict:
+    out = {}
+    for p in sorted(cdir.glob("*/clips/*.npz")):
+        z = C.load_clip(p)
+        out[p.relative_to(cdir).as_posix()] = {k: v for k, v in z.items() if k != "seconds"}
+    return out
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(synth_root, tmp_path):
+    root = _small_copy(synth_root, tmp_path / "D", {"train": _names(synth_root, "train.xlsx", 10)})
+    cmd = [sys.executable, str(ROOT / "preprocess.py"), "--root", str(root), "--workers", "1"]
+    killed = cmd + ["--set", f"preprocess.cache_dir={tmp_path / 'a'}"]
+    proc = subprocess.Popen(killed, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "a").glob("*/*/train/clips/*.npz"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = list((tmp_path / "a").glob("*/*/train/clips/*"))
+    assert 3 <= len(partial) < 10, "the run should have been killed mid-way"
+    subprocess.run(killed, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(cmd + ["--set", f"preprocess.cache_dir={tmp_path / 'b'}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    a, b = (next((tmp_path / x).glob("*/*")) for x in "ab")
+    assert not list(a.rglob("*.tmp"))
+    arrays_a, arrays_b = _npz_arrays(a), _npz_arrays(b)
+    assert sorted(arrays_a) == sorted(arrays_b) and len(arrays_a) == 10
+    for name in arrays_a:
+        for k, v in arrays_a[name].items():
+            np.testing.assert_array_equal(v, arrays_b[name][k], err_msg=f"{name}:{k}")
+
+
+def test_preprocess_script_summary_inspect_and_fatal_errors(synth_root, tmp_path):
+    root = _small_copy(synth_root, tmp_path / "D", {"train": _names(synth_root, "train.xlsx", 2),
+                                                   "test_B": _names(synth_root, "test_B.xlsx", 1)})
+    base = [sys.executable, str(ROOT / "preprocess.py"), "--root", str(root),
+            "--set", f"preprocess.cache_dir={tmp_path / 'c'}"]
+    out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == ""
+    assert "train: ok 2" in out.stderr and "test_B: ok 1" in out.stderr and "frames/s" in out.stderr
+    png = tmp_path / "inspect.png"
+    sample = _names(synth_root, "train.xlsx", 1)[0]
+    out = subprocess.run(base + ["--inspect", sample, "--out", str(png)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and png.stat().st_size > 20_000
+    shutil.rmtree(next((root / "test_data_B").rglob(_names(synth_root, "test_B.xlsx", 1)[0])))
+    out = subprocess.run(base + ["--force"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "[fatal] test_B/" in out.stderr and "frame folder not found" in out.stderr
+    assert "error: 1 fatal problem(s)" in out.stderr and "preprocess:" not in out.stderr  # stopped before work
