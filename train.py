@@ -20,6 +20,8 @@ def main() -> None:
     parser.add_argument("--root", help="dataset whose cache to use (when several are cached)")
     parser.add_argument("--cache", help="cache folder to use (cache/<dataset>/<key>)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--jobs", default="auto", help="models trained in parallel processes (auto: one per "
+                        "CPU core on CPU, 1 on GPU)")
     parser.add_argument("--explain", metavar="SAMPLE", help="write the attention heatmap of one train clip")
     parser.add_argument("--out", help="where --explain writes its PNG")
     add_config_args(parser)
@@ -41,7 +43,7 @@ def main() -> None:
             explain(cfg, name, args.explain, args.out, device)
             return
         cdir = find_cache(cfg["preprocess"]["cache_dir"], args.root, args.cache, cfg)
-        run_training(cdir, cfg, name, args.fold, args.seeds, device)
+        run_training(cdir, cfg, name, args.fold, args.seeds, device, args.jobs)
 
     run_main(go)
 

@@ -108,7 +108,7 @@ def bench_preprocess(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     root = _dataset(args.data, args.clips, args.seed, args.workers)
     ds = resolve_issues(load_dataset(root, cfg))
-    clips = clips_of(ds, ds.splits, cfg["data"]["image_exts"])
+    clips = clips_of(ds, ds.splits, cfg["data"]["image_exts"])[: args.limit]
     truth = _truth_labels(root, ds)
     ex = Extractor(cfg)
     ex.landmarker  # model loading is once per worker, not per clip: keep it out of the timings
@@ -186,6 +186,64 @@ def _peak_memory(root: Path, ds, args: argparse.Namespace) -> float:
         return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
+def _replicate_cache(src: Path, dst: Path, n_clips: int, n_subjects: int) -> Path:
+    """A cache of `n_clips` train clips made by repeating a real cache's clips under new names
+    (for timing only: a CCAC-sized training set without generating 1,856 clips)."""
+    from . import cache as C
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("clips", "*.npz"))
+    m = C.read_manifest(src, "train")
+    m = m[m["status"] == "ok"].reset_index(drop=True)
+    rows = []
+    for k in range(n_clips):
+        r = m.iloc[k % len(m)].copy()
+        r["sample"], r["subject"], r["row"] = f"rep{k:05d}", f"subj{k % n_subjects:03d}", k
+        target = dst / "train" / "clips" / f"rep{k:05d}.npz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to((src / m.iloc[k % len(m)]["file"]).resolve())
+        r["file"] = str(target.relative_to(dst))
+        rows.append(r)
+    C.write_manifest(dst, "train", pd.DataFrame(rows))
+    return dst
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    """Accuracy of the full-sequence model and of the onset-apex baseline on the same folds, then
+    the wall time of a full 5-fold x 3-seed run on a CCAC-sized (1,856-clip) training set."""
+    import json
+
+    from .preprocessing import run as preprocess_run
+    from .training import run_training
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="mer_bench_train_"))
+    root = _dataset(args.data, args.clips, args.seed, args.workers)
+    base = [f"preprocess.cache_dir={work / 'cache'}", f"train.run_dir={work / 'runs'}"] + args.set
+    cfg = load_config(args.config, base)
+    cdir = preprocess_run(root, cfg, workers=args.workers)
+    figures = {}
+    for model in ("sequence", "apex_cnn"):
+        mcfg = load_config(args.config, base + [f"model.name={model}"])
+        t0 = time.time()
+        run_dir = run_training(cdir, mcfg, f"bench_{model}", "all", args.seeds, "cpu", args.jobs)
+        rep = json.loads((run_dir / "report.json").read_text())
+        figures[model] = rep
+        speed = pd.concat([pd.read_csv(f) for f in run_dir.glob("fold*/seed*/metrics.csv")])["clips_per_s"].median()
+        print(f"  {model}: out-of-fold UF1 {rep['ensemble']['uf1']:.4f}  UAR {rep['ensemble']['uar']:.4f}  "
+              f"ACC {100 * rep['ensemble']['acc']:.2f}%  over {rep['n_clips']} clips, seeds {rep['seeds']} "
+              f"({time.time() - t0:.0f} s; {speed:.0f} training clips/s per job)", flush=True)
+    gap = figures["sequence"]["ensemble"]["uf1"] - figures["apex_cnn"]["ensemble"]["uf1"]
+    print(f"  full sequence - onset-apex: UF1 {gap:+.4f} (target: sequence >= 0.85 and gap >= 0.10)")
+    if args.skip_full:
+        return
+    big = _replicate_cache(cdir, work / "cache_1856" / "x" / "key", 1856, 176)
+    t0 = time.time()
+    run_dir = run_training(big, load_config(args.config, base), "bench_full_1856", "all", None, "cpu", args.jobs)
+    wall = time.time() - t0
+    speed = pd.concat([pd.read_csv(f) for f in run_dir.glob("fold*/seed*/metrics.csv")])["clips_per_s"].median()
+    print(f"  full 5-fold x 3-seed run on 1,856 clips: {wall / 60:.1f} min wall "
+          f"({speed:.0f} training clips/s per job, jobs={args.jobs}; target < 15 min)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mer.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,12 +252,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clips", type=int, default=60, help="clips to generate")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="generator processes")
-    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true", help="preprocess: skip the Farneback reference")
+    parser.add_argument("--limit", type=int, default=40, help="preprocess: clips to time")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train: seeds for the accuracy runs")
+    parser.add_argument("--jobs", default="auto", help="train: parallel training processes")
+    parser.add_argument("--skip-full", action="store_true", help="train: skip the 1,856-clip timing run")
+    parser.add_argument("--work", help="train: folder for caches and runs (default: a new temp folder)")
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args(argv)
     setup_logging()
-    {"preprocess": bench_preprocess}[args.what](args)
+    {"preprocess": bench_preprocess, "train": bench_train}[args.what](args)
 
 
 if __name__ == "__main__":

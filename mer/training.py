@@ -162,11 +162,23 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
 
 def batches(clips: ClipData, norm: Normaliser, batch_size: int, rng: np.random.Generator | None = None,
             aug: dict | None = None, perm: np.ndarray | None = None, u_channels: list[int] | None = None):
-    """Batches of a ClipData; shuffled and augmented when an RNG is given (training)."""
-    order = rng.permutation(len(clips)) if rng is not None else np.arange(len(clips))
-    for start in range(0, len(order), batch_size):
+    """Batches of a ClipData; shuffled and augmented when an RNG is given (training).
+
+    Training batches group clips of similar length (sorted within shuffled pools of 16 batches)
+    so little time goes into padding."""
+    if rng is None:
+        groups = [np.arange(s, min(s + batch_size, len(clips))) for s in range(0, len(clips), batch_size)]
+    else:
+        order, pool = rng.permutation(len(clips)), batch_size * 16
+        groups = []
+        for s in range(0, len(order), pool):
+            chunk = order[s:s + pool]
+            chunk = chunk[np.argsort([len(clips.times[i]) for i in chunk], kind="stable")]
+            groups += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    for group in groups:
         items = []
-        for i in order[start:start + batch_size]:
+        for i in group:
             clip = {"features": norm(clips.features[i]), "times_ms": clips.times[i],
                     "apex": clips.apex[i], "label": int(clips.labels[i])}
             if rng is not None and aug is not None:
@@ -222,14 +234,22 @@ def predict_logits(model: nn.Module, clips: ClipData, norm: Normaliser, device: 
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def epochs_for(n_clips: int, tcfg: dict) -> int:
+    """train.epochs, raised on small sets so that a model gets at least train.min_steps updates."""
+    per_epoch = max(1, -(-n_clips // int(tcfg["batch_size"])))
+    return max(int(tcfg["epochs"]), -(-int(tcfg["min_steps"]) // per_epoch))
+
+
 def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, meta: dict,
-              out: Path, device: str, position: int = 0) -> dict:
+              out: Path, device: str, progress: bool = True, threads: int = 0) -> dict:
     """Train one model on every fold but `fold`; write its checkpoint, metrics and OOF logits."""
     tcfg = cfg["train"]
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
     save_config(cfg, out / "config.yaml", fold=fold, seed=seed, cache=meta["cache"])
     n_classes = len(meta["classes"])
     train_idx, test_idx = np.nonzero(folds != fold)[0], np.nonzero(folds == fold)[0]
@@ -261,9 +281,9 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
         history, start, best = state["history"], state["epoch"] + 1, state["best"]
         log.info("fold %d seed %d: resuming after epoch %d", fold, seed, start)
 
-    epochs = int(tcfg["epochs"])
+    epochs = epochs_for(len(train_set), tcfg)
     bar = tqdm(range(start, epochs), desc=f"fold {fold} seed {seed}", unit="ep", file=sys.stderr,
-               initial=start, total=epochs, dynamic_ncols=True, position=position, leave=True)
+               initial=start, total=epochs, dynamic_ncols=True, disable=not progress)
     for epoch in bar:
         rng = _seed_everything(seed, fold, epoch)
         model.train()
@@ -328,8 +348,19 @@ def _inner_split(clips: ClipData, frac: float, seed: int) -> tuple[ClipData, Cli
 
 # ----------------------------------------------------------------------------- the whole run
 
+def resolve_jobs(jobs: int | str, device: str, n_runs: int) -> int:
+    """'auto': one process per CPU core (each on one thread) on CPU, one on a GPU."""
+    if jobs == "auto":
+        jobs = 1 if device.startswith("cuda") else (os.cpu_count() or 1)
+    try:
+        jobs = int(jobs)
+    except ValueError:
+        raise UserError(f"--jobs must be a number or auto, got '{jobs}'") from None
+    return max(1, min(jobs, n_runs))
+
+
 def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: list[int] | None = None,
-                 device: str = "cpu") -> Path:
+                 device: str = "cpu", jobs: int | str = 1) -> Path:
     """Train the requested folds x seeds of run `name` from the cache at `cdir`, then report."""
     meta = C.read_meta(cdir)
     cfg = dict(cfg, preprocess=C.read_cache_config(cdir)["preprocess"])  # what made the tensors
@@ -353,16 +384,28 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
     info = {"cache": str(cdir), "classes": meta["classes"], "rois": meta["rois"], "channels": meta["channels"]}
     (run_dir / "run.json").write_text(json.dumps({**info, "dataset": meta.get("dataset"), "root": meta.get("root"),
                                                   "model": cfg["model"]["name"]}, indent=1))
-    if cfg["train"]["num_threads"]:
-        torch.set_num_threads(int(cfg["train"]["num_threads"]))
-    log.info("run %s: %d clips, %d folds (%s), seeds %s, model %s, device %s", run_dir, len(clips), n_folds,
-             cfg["train"]["protocol"], seeds, cfg["model"]["name"], device)
-    for f in todo_folds:
-        for s in seeds:
-            res = train_one(clips, folds, f, s, cfg, info, run_dir / f"fold{f}" / f"seed{s}", device)
-            if "uf1" in res:
-                log.info("fold %d seed %d: held-out UF1 %.4f UAR %.4f ACC %.2f%% (n=%d)", f, s, res["uf1"],
-                         res["uar"], 100 * res["acc"], res["n_oof"])
+    pairs = [(f, s) for f in todo_folds for s in seeds]
+    jobs = resolve_jobs(jobs, device, len(pairs))
+    threads = int(cfg["train"]["num_threads"]) or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0)
+    log.info("run %s: %d clips, %d folds (%s), seeds %s, model %s, device %s, %d parallel job(s)", run_dir,
+             len(clips), n_folds, cfg["train"]["protocol"], seeds, cfg["model"]["name"], device, jobs)
+    args = [(clips, folds, f, s, cfg, info, run_dir / f"fold{f}" / f"seed{s}", device) for f, s in pairs]
+    if jobs == 1:
+        results = [train_one(*a, progress=True, threads=threads) for a in args]
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        results = []
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(train_one, *a, progress=False, threads=threads) for a in args]
+            for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="models", unit="model",
+                            file=sys.stderr, dynamic_ncols=True):
+                results.append(fut.result())
+    for res in sorted(results, key=lambda r: (r["fold"], r["seed"])):
+        if "uf1" in res:
+            log.info("fold %d seed %d: held-out UF1 %.4f UAR %.4f ACC %.2f%% (n=%d)", res["fold"], res["seed"],
+                     res["uf1"], res["uar"], 100 * res["acc"], res["n_oof"])
     from .report import write_report
 
     write_report(run_dir)

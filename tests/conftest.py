@@ -92,3 +92,15 @@ def synth_cache(synth_root, tmp_path_factory):
     cfg = work_config(tmp)
     cdir = run(synth_root, cfg, workers=2)
     return cfg, cdir
+
+
+@pytest.fixture(scope="session")
+def trained_runs(synth_cache):
+    """(config, {'sequence': run dir, 'apex': run dir}) trained on the session's cache."""
+    from mer.training import run_training
+
+    cfg, cdir = synth_cache
+    runs = {"sequence": run_training(cdir, cfg, "seq", jobs=1)}
+    apex_cfg = {**cfg, "model": {**cfg["model"], "name": "apex_cnn"}}
+    runs["apex"] = run_training(cdir, apex_cfg, "apex", jobs=1)
+    return cfg, runs
