@@ -20,8 +20,11 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m mer.synth --out $(DEMO) $(DEMO_ARGS)
-	$(PY) -m mer.data --root $(DEMO)
+	test -f $(DEMO)/train.xlsx || $(PY) -m mer.synth --out $(DEMO) $(DEMO_ARGS) --workers 2
+	$(PY) preprocess.py --root $(DEMO) --workers 2
+	$(PY) train.py --fold all --config mer/configs/demo.yaml --name demo
+	$(PY) predict.py --split test_B --name demo --truth $(DEMO).truth/test_B.csv > $(DEMO)_submission.csv
+	@echo "submission: $(DEMO)_submission.csv (upload files: the newest submissions/test_B-demo-*/prediction.zip)"
 
 clean-demo:
-	rm -rf $(DEMO) $(DEMO).truth cache/$(DEMO) runs/demo
+	rm -rf $(DEMO) $(DEMO).truth $(DEMO)_submission.csv cache/$(DEMO) runs/demo submissions/test_B-demo-*

@@ -6,17 +6,13 @@ predictions, predict a test split and print the submission CSV.
 
 import argparse
 
-from mer.cli import add_config_args, config_from_args, resolve_device, run_main, setup_logging
+from mer.cli import add_submission_args, config_from_args, resolve_device, run_main, setup_logging
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run names (runs/NAME) or run folders")
-    parser.add_argument("--split", required=True, help="test_A | test_B")
-    parser.add_argument("--truth", help="truth table (Filename, EmotionId) to score the submission")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--no-archive", action="store_true", help="print the CSV only")
-    add_config_args(parser)
+    add_submission_args(parser)
     args = parser.parse_args()
 
     def go() -> None:

@@ -9,17 +9,13 @@ stdout carries only the CSV (Filename,EmotionId); logs go to stderr. The upload 
 
 import argparse
 
-from mer.cli import add_config_args, config_from_args, resolve_device, run_main, setup_logging
+from mer.cli import add_submission_args, config_from_args, resolve_device, run_main, setup_logging
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", required=True, help="test_A | test_B (or any cached split)")
     parser.add_argument("--name", nargs="+", help="run(s) to average (default: the only run, or the model name)")
-    parser.add_argument("--truth", help="truth table (Filename, EmotionId) to score the submission")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--no-archive", action="store_true", help="print the CSV only")
-    add_config_args(parser)
+    add_submission_args(parser)
     args = parser.parse_args()
 
     def go() -> None:

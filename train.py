@@ -8,7 +8,7 @@
 
 import argparse
 
-from mer.cli import add_config_args, config_from_args, resolve_device, run_main, setup_logging
+from mer.cli import add_config_args, add_device_arg, config_from_args, resolve_device, run_main, setup_logging
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument("--name", help="run name: outputs go to runs/NAME (default: the model name)")
     parser.add_argument("--root", help="dataset whose cache to use (when several are cached)")
     parser.add_argument("--cache", help="cache folder to use (cache/<dataset>/<key>)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_device_arg(parser)
     parser.add_argument("--jobs", default="auto", help="models trained in parallel processes (auto: one per "
                         "CPU core on CPU, 1 on GPU)")
     parser.add_argument("--explain", metavar="SAMPLE", help="write the attention heatmap of one train clip")

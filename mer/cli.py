@@ -25,6 +25,19 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def add_submission_args(parser: argparse.ArgumentParser) -> None:
+    """The options predict.py and ensemble.py share."""
+    parser.add_argument("--split", required=True, help="test_A | test_B (or any cached split)")
+    parser.add_argument("--truth", help="truth table (Filename, EmotionId or Emotion) to score the submission")
+    parser.add_argument("--no-archive", action="store_true", help="print the CSV only")
+    add_device_arg(parser)
+    add_config_args(parser)
+
+
 def config_from_args(args: argparse.Namespace) -> dict:
     return load_config(args.config, args.overrides)
 

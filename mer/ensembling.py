@@ -192,7 +192,7 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
         prov["scores"] = {m: scored[m] for m in ("uf1", "uar", "acc", "n")}
     if archive_files:
         tag = "+".join(r.name for r in runs) if len(runs) <= 3 else f"{len(runs)}runs"
-        folder = S.archive(sub, split, ("ens-" if ensemble else "") + tag, cfg["submission"]["out_dir"], prov)
+        folder = S.archive(sub, split, ("ens-" if ensemble else "") + tag, cfg["submission"]["out_dir"], prov, cfg)
         log.info("submission archived in %s (upload %s)", folder, folder / "prediction.zip")
     return sub
 

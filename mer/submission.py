@@ -63,9 +63,10 @@ def code_version() -> str:
     return __version__
 
 
-def archive(sub: pd.DataFrame, split: str, tag: str, out_dir: str | Path, provenance: dict) -> Path:
-    """Write submission.csv, prediction.txt, prediction.zip (the upload), probabilities.csv and
-    provenance.json under <out_dir>/<split>-<tag>-<time>/."""
+def archive(sub: pd.DataFrame, split: str, tag: str, out_dir: str | Path, provenance: dict,
+            cfg: dict | None = None) -> Path:
+    """Write submission.csv, prediction.txt, prediction.zip (the upload), probabilities.csv,
+    provenance.json and the resolved config.yaml under <out_dir>/<split>-<tag>-<time>/."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = Path(out_dir) / f"{split}-{tag}-{stamp}"
     k = 1
@@ -83,6 +84,10 @@ def archive(sub: pd.DataFrame, split: str, tag: str, out_dir: str | Path, proven
                       created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                       predicted_counts=sub["EmotionId"].value_counts().sort_index().to_dict())
     (folder / "provenance.json").write_text(json.dumps(provenance, indent=1, default=str))
+    if cfg is not None:
+        from .config import save_config
+
+        save_config(cfg, folder / "config.yaml")
     return folder
 
 

@@ -121,8 +121,10 @@ def load_or_make_folds(run_dir: Path, clips: ClipData, cfg: dict) -> np.ndarray:
         return np.array([lookup[s] for s in clips.samples])
     folds = make_folds(clips, cfg["train"]["folds"], cfg["train"]["protocol"])
     run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # jobs of an array may start together: same content
     pd.DataFrame({"sample": clips.samples, "subject": clips.subjects, "label": clips.labels,
-                  "fold": folds}).to_csv(path, index=False)
+                  "fold": folds}).to_csv(tmp, index=False)
+    os.replace(tmp, path)
     return folds
 
 

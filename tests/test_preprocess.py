@@ -220,3 +220,24 @@ def test_preprocess_script_summary_inspect_and_fatal_errors(synth_root, tmp_path
     assert out.returncode == 2
     assert "[fatal] test_B/" in out.stderr and "frame folder not found" in out.stderr
     assert "error: 1 fatal problem(s)" in out.stderr and "preprocess:" not in out.stderr  # stopped before work
+
+
+def test_fan_without_cached_weights_names_the_files_and_folder(tmp_path, monkeypatch):
+    import torch
+
+    from mer.cli import UserError
+    from mer.face import make_landmarker
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(UserError, match=r"2DFAN4-11f355bf06.pth.tar, s3fd-619a316812.pth; place them in .*hub/checkpoints"):
+        make_landmarker("fan")
+
+
+def test_shards_split_the_clips_between_jobs():
+    from mer.preprocessing import parse_shard
+    from mer.cli import UserError
+
+    assert parse_shard("1/4") == (1, 4) and parse_shard(None) == (0, 1)
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(UserError, match="--shard"):
+            parse_shard(bad)
