@@ -103,8 +103,12 @@ def make_folds(clips: ClipData, k: int, protocol: str, seed: int = 0) -> np.ndar
     else:
         raise UserError(f"train.protocol must be kfold or loso, got '{protocol}'")
     folds = np.full(len(clips), -1)
-    for f, (_, test) in enumerate(splitter.split(np.zeros(len(clips)), clips.labels, groups)):
-        folds[test] = f
+    try:
+        for f, (_, test) in enumerate(splitter.split(np.zeros(len(clips)), clips.labels, groups)):
+            folds[test] = f
+    except ValueError as e:
+        raise UserError(f"cannot make {k} stratified subject folds from {len(clips)} clips: {e}; "
+                        "lower train.folds") from None
     return folds
 
 

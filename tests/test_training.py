@@ -120,11 +120,11 @@ def test_seeded_runs_are_bit_identical_on_cpu(tmp_path, synth_cache):
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, synth_cache):
     cfg, cdir = synth_cache
     cmd = [sys.executable, str(ROOT / "train.py"), "--cache", str(cdir), "--fold", "0", "--seeds", "0",
-           "--jobs", "1", "--set", "train.epochs=80", "--set", "train.min_steps=0",
+           "--jobs", "1", "--set", "train.folds=3", "--set", "train.epochs=80", "--set", "train.min_steps=0",
            "--set", "model.sequence.depth=2", "--set", "model.sequence.dim=32", "--set", "model.sequence.heads=4"]
     killed = cmd + ["--set", f"train.run_dir={tmp_path / 'a'}"]
-    proc = subprocess.Popen(killed, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(killed, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     ckpt = tmp_path / "a" / "sequence" / "fold0" / "seed0" / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -137,7 +137,8 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, synth_cache):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert ckpt.is_file() and not (ckpt.parent / "model.pt").exists(), "the run should have been killed mid-way"
+    log.close()
+    assert ckpt.is_file() and not (ckpt.parent / "model.pt").exists(), (tmp_path / "killed.log").read_text()[-2000:]
     out = subprocess.run(killed, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "resuming after epoch" in out.stderr
     subprocess.run(cmd + ["--set", f"train.run_dir={tmp_path / 'b'}"], cwd=ROOT, check=True, capture_output=True)
