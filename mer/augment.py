@@ -23,19 +23,17 @@ def mirror(clip: dict, perm: np.ndarray, u_channels: list[int]) -> dict:
 
 
 def time_shift(clip: dict, max_ms: float, rng: np.random.Generator) -> dict:
-    """Start the clip a little earlier (neutral steps prepended) or later (first steps dropped)."""
+    """Start the clip up to `max_ms` earlier: neutral (zero-motion) steps prepended. A later start
+    is not simulated: motion re-referenced to a later frame would not match the magnitude and
+    strain channels of real clips."""
     t, f = clip["times_ms"], clip["features"]
     if len(t) < 4 or max_ms <= 0:
         return clip
     step = float(np.median(np.diff(t)))
-    k = int(rng.integers(-round(max_ms / step), round(max_ms / step) + 1))
-    if k > 0:  # prepend k steps of no motion
+    k = int(rng.integers(0, round(max_ms / step) + 1))
+    if k > 0:
         f = np.concatenate([np.zeros((k,) + f.shape[1:], f.dtype), f])
         t = np.concatenate([np.arange(k) * step, t + k * step]).astype(t.dtype)
-    elif k < 0:
-        k = min(-k, len(t) - 2)
-        f = f[k:] - f[k]  # motion is relative to the (new) first frame
-        t = t[k:] - t[k]
     return dict(clip, features=f, times_ms=t)
 
 

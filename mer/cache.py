@@ -88,7 +88,7 @@ def read_clip_record(path: Path) -> dict:
 
 def write_meta(cdir: Path, meta: dict) -> None:
     cdir.mkdir(parents=True, exist_ok=True)
-    tmp = cdir / "meta.yaml.tmp"
+    tmp = cdir / f"meta.yaml.{os.getpid()}.tmp"
     tmp.write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")
     tmp.replace(cdir / "meta.yaml")
 
@@ -111,7 +111,7 @@ def read_cache_config(cdir: Path) -> dict:
 def write_manifest(cdir: Path, split: str, df: pd.DataFrame) -> Path:
     path = cdir / split / "manifest.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     df.to_csv(tmp, index=False)
     tmp.replace(path)
     return path
@@ -121,7 +121,8 @@ def read_manifest(cdir: Path, split: str) -> pd.DataFrame:
     path = Path(cdir) / split / "manifest.csv"
     if not path.is_file():
         raise UserError(f"no manifest for split '{split}' in {cdir}: run preprocess.py --splits {split}")
-    return pd.read_csv(path, keep_default_na=True, dtype={"sample": str, "subject": str})
+    return pd.read_csv(path, dtype={"sample": str, "subject": str}, keep_default_na=False,
+                       na_values={c: [""] for c in MANIFEST_COLUMNS if c not in ("sample", "subject")})
 
 
 def find_cache(cache_root: str | Path, root: str | Path | None = None, cache: str | Path | None = None,

@@ -59,8 +59,8 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA device (install a CUDA build of torch, see README)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but torch sees no CUDA device (install a CUDA build of torch, see README)")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
     return name

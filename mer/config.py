@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -139,7 +140,7 @@ def save_config(cfg: dict, path: str | Path, **meta: Any) -> Path:
     data = dict(cfg)
     if meta:
         data["_meta"] = meta
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # parallel jobs may write at once
     with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
     tmp.replace(path)

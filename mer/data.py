@@ -178,8 +178,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
             df = pd.read_excel(path)
         elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
-            sep = "\t" if path.suffix.lower() == ".tsv" else None
-            df = pd.read_csv(path, sep=sep, engine="python", encoding="utf-8-sig")
+            sep = "\t" if path.suffix.lower() == ".tsv" else ","
+            df = pd.read_csv(path, sep=sep, encoding="utf-8-sig", dtype=str, keep_default_na=False,
+                             na_values=[""])  # names stay text: '0001' keeps its zeros
         else:
             raise UserError(f"{path}: unsupported table format (use .xlsx or .csv)")
     except UserError:
@@ -260,6 +261,10 @@ def find_tables(root: Path, configured: dict) -> dict[str, Path]:
 
 def class_map_from_table(names: pd.Series, ids: pd.Series, default: list[str], where: str) -> list[str]:
     """Class names in id order, derived from a table carrying both names and ids."""
+    numeric = pd.to_numeric(ids, errors="coerce").dropna()
+    if len(numeric) and numeric.min() >= 1 and numeric.max() == len(default):
+        raise UserError(f"{where}: EmotionId runs 1..{len(default)}, but ids must start at 0; "
+                        "drop the EmotionId column (the emotion names are then used) or renumber it")
     pairs = {}
     for n, i in zip(names, ids):
         c, v = canonical_emotion(n), _to_int(i)
@@ -303,6 +308,10 @@ def _assign_labels(t: pd.DataFrame, classes: list[str], issues: list[Issue]) -> 
     """Fill emotion (canonical name) and label (id) from whichever of the two the table has."""
     labels, emotions = [], []
     for _, r in t.iterrows():
+        if r["split"] in TEST_SPLITS:  # a test table's labels (if any) are not used: never drop its rows
+            labels.append(np.nan)
+            emotions.append("")
+            continue
         name = canonical_emotion(r["emotion_raw"]) if r["emotion_raw"] is not None else None
         lid = _to_int(r["label_raw"]) if r["label_raw"] is not None else np.nan
         has_truth = name is not None or not np.isnan(lid) or (

@@ -181,8 +181,6 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
     sub = S.build(clips.samples, probs, classes)
     S.validate(sub, clips.samples, len(classes))
     fallbacks = log_fallbacks(clips, split)
-    sys.stdout.write(S.to_csv(sub))
-    sys.stdout.flush()
     prov = {"runs": [p for _, _, p in results], "weights": weights.tolist(),
             "biases": None if biases is None else biases.tolist(), "ensemble": ensemble, "classes": classes,
             "cache_status": clips.manifest["status"].value_counts().to_dict(), "fallback_clips": fallbacks}
@@ -194,6 +192,8 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
         tag = "+".join(r.name for r in runs) if len(runs) <= 3 else f"{len(runs)}runs"
         folder = S.archive(sub, split, ("ens-" if ensemble else "") + tag, cfg["submission"]["out_dir"], prov, cfg)
         log.info("submission archived in %s (upload %s)", folder, folder / "prediction.zip")
+    sys.stdout.write(S.to_csv(sub))  # last: an error above leaves stdout empty
+    sys.stdout.flush()
     return sub
 
 
@@ -206,7 +206,8 @@ def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: st
         msg += (f"; nested bias search: out-of-fold UF1 {ens['oof_uf1_no_bias']:.4f} -> "
                 f"{ens['oof_uf1_nested_bias']:.4f} (gain {ens['bias_gain_nested']:+.4f}, "
                 f"{'used' if ens['bias_used'] else 'not used'})")
-    log.info("%s; out-of-fold UF1 %.4f UAR %.4f ACC %.2f%%", msg, ens["oof"]["uf1"], ens["oof"]["uar"],
+    log.info("%s; out-of-fold UF1 %.4f UAR %.4f ACC %.2f%% (in-sample: weights and biases were tuned "
+             "on these predictions)", msg, ens["oof"]["uf1"], ens["oof"]["uar"],
              100 * ens["oof"]["acc"])
     return predict_and_submit(cfg, [str(r) for r in runs], split, device, truth, archive_files, ensemble=ens)
 

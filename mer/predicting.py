@@ -75,6 +75,12 @@ def split_clips(cdir: Path, split: str, apex_source: str) -> ClipData:
                         f"`python preprocess.py --root {meta.get('root', 'DATASET')} --splits {split}` "
                         "with the same settings")
     clips = load_clips(cdir, split, apex_source, require_all=True)
+    if len(clips) == 0:
+        raise UserError(f"split {split} has no rows in the cache {cdir}: nothing to predict")
+    rows = C.read_meta(cdir).get("table_rows", {}).get(split)
+    if rows is not None and rows != len(clips):
+        raise UserError(f"the {split} table has {rows} rows but the cache holds {len(clips)}: "
+                        f"rerun preprocess.py --splits {split}")
     order = np.argsort(clips.manifest["row"].to_numpy(), kind="stable")
     return clips.subset(order)
 

@@ -123,15 +123,18 @@ class Extractor:
                 break
         size, fsize = p["crop_size"], p["flow_size"]
         if found is not None:
-            landmarks, conf = found
-            m = crop_matrix(landmarks, fsize, p["crop_scale"], p["crop_center_y"])
-        elif clip.is_test:
+            try:
+                m = crop_matrix(found[0], fsize, p["crop_scale"], p["crop_center_y"])
+                landmarks, conf = found
+            except ValueError:  # degenerate landmarks: as good as no face
+                found = None
+        if found is None and clip.is_test:
             status, reason = "fallback", f"no face found in the first {p['detect_frames']} frames: centred box, template landmarks"
             m = centred_matrix(ref_img.shape, fsize)
             landmarks = transform_points(cv2.invertAffineTransform(m), template_landmarks(fsize, p["crop_scale"], p["crop_center_y"]))
             conf = 0.0
             rec["detect_frame"] = -1
-        else:
+        elif found is None:
             raise ClipError(f"no face found in the first {p['detect_frames']} frames")
         rec["landmark_conf"] = float(conf)
 
@@ -254,6 +257,13 @@ def _run_one(job: tuple[Clip, str]) -> tuple[str, str, str]:
     return clip.split, clip.sample, str(arrays["status"])
 
 
+def _failed(path: Path) -> bool:
+    try:
+        return C.read_clip_record(path).get("status") == "failed"
+    except UserError:  # corrupt: redo it
+        return True
+
+
 def clips_of(ds: Dataset, splits: list[str], exts) -> list[Clip]:
     return [Clip(r.split, r.sample, r.frames_dir, float(r.fps), float(r.start_frame), float(r.end_frame),
                  float(r.apex), tuple(exts))
@@ -279,9 +289,10 @@ def preprocess(ds: Dataset, cfg: dict, splits: list[str], cdir: Path, workers: i
     clips = clips_of(ds, splits, cfg["data"]["image_exts"])
     clips = [c for k, c in enumerate(clips) if k % shard[1] == shard[0]]
     jobs = [(c, str(C.clip_file(cdir, c.split, c.sample))) for c in clips]
-    todo = [j for j in jobs if force or not Path(j[1]).is_file()]
+    todo = [j for j in jobs if force or not Path(j[1]).is_file() or _failed(Path(j[1]))]
     if len(todo) < len(jobs):
-        log.info("%d of %d clips already cached (use --force to redo them)", len(jobs) - len(todo), len(jobs))
+        log.info("%d of %d clips already cached (use --force to redo them; failed ones are retried)",
+                 len(jobs) - len(todo), len(jobs))
     t0 = time.time()
     if todo:
         bar = tqdm(total=len(todo), desc="preprocess", unit="clip", file=sys.stderr, dynamic_ncols=True)
@@ -405,6 +416,7 @@ def run(root: str | Path, cfg: dict, splits: list[str] | None = None, workers: i
     unknown = [s for s in splits if s not in ds.splits]
     if unknown:
         raise UserError(f"--splits {' '.join(unknown)}: not in {root} (found: {', '.join(ds.splits)})")
+    table_rows = {s: int((ds.table["split"] == s).sum()) for s in splits}
     ds = resolve_issues(ds, splits)
     log.info("%s", summary(ds))
     if inspect:
@@ -413,11 +425,21 @@ def run(root: str | Path, cfg: dict, splits: list[str] | None = None, workers: i
         log.info("wrote %s", out)
         return out
     cdir = C.cache_dir(cfg, root)
+    try:
+        Extractor(cfg).landmarker  # a bad setting or a missing model: one clear error, before any work
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    old = C.read_meta(cdir) if (cdir / "meta.yaml").is_file() else {}
+    if old.get("root") and old["root"] != str(Path(root).resolve()):
+        log.warning("cache %s was made from %s, now %s: clips cached from the old root are reused "
+                    "(use --force or another preprocess.cache_dir if the data differ)", cdir, old["root"],
+                    Path(root).resolve())
     save_config(cfg, cdir / "config.yaml")
     meta = {"dataset": ds.name, "root": str(Path(root).resolve()), "key": cdir.name, "classes": ds.classes,
             "rois": roi_specs(cfg["preprocess"]["rois"]),
             "channels": list(cfg["preprocess"]["channels"]), "splits": sorted(set(splits) | _cached_splits(cdir)),
-            "feature_version": C.FEATURE_VERSION}
+            "feature_version": C.FEATURE_VERSION,
+            "table_rows": {**old.get("table_rows", {}), **table_rows}}
     C.write_meta(cdir, meta)
     log.info("cache: %s", cdir)
     preprocess(ds, cfg, splits, cdir, workers=workers, force=force, shard=parse_shard(shard))

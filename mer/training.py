@@ -67,7 +67,7 @@ def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all:
         bad = m[~usable]
         rows = "; ".join(f"row {int(r.row) + 1} {r.sample} ({r.status}: {r.reason})" for r in bad.itertuples())
         raise UserError(f"{len(bad)} {split} row(s) have no usable cache entry: {rows}. "
-                        f"Fix the frames and rerun preprocess.py --splits {split}")
+                        f"Fix the frames and rerun preprocess.py --splits {split} (failed clips are retried)")
     if not usable.all():
         log.warning("%s: %d clip(s) not usable (failed or pending) are left out of training", split, (~usable).sum())
     m = m[usable].reset_index(drop=True)
@@ -332,7 +332,8 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
                         "fold": fold, "seed": seed})
     for k in range(n_classes):
         oof[f"logit_{k}"] = logits[:, k] if len(logits) else []
-    oof.to_csv(out / "oof.csv", index=False)
+    oof.to_csv(out / "oof.csv.tmp", index=False)
+    os.replace(out / "oof.csv.tmp", out / "oof.csv")  # other jobs' reports may be reading
     result = {"fold": fold, "seed": seed, "n_train": len(train_set), "n_oof": len(oof_set), "epochs": epochs}
     if len(oof_set):
         s = scores(oof_set.labels, logits.argmax(1), n_classes)
@@ -353,6 +354,27 @@ def _inner_split(clips: ClipData, frac: float, seed: int) -> tuple[ClipData, Cli
 
 
 # ----------------------------------------------------------------------------- the whole run
+
+def _settings_that_shape_models(cfg: dict) -> dict:
+    skip = {"run_dir", "seeds", "num_threads"}
+    return {"model": cfg["model"], "train": {k: v for k, v in cfg["train"].items() if k not in skip},
+            "preprocess": cfg["preprocess"]}
+
+
+def _check_same_settings(run_dir: Path, cfg: dict) -> None:
+    """A run's folds x seeds must come from one configuration: refuse to mix."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    a, b = _settings_that_shape_models(old), _settings_that_shape_models(cfg)
+    if stable_hash(a) != stable_hash(b):
+        diff = [f"{s}.{k}" for s in a for k in set(a[s]) | set(b[s]) if a[s].get(k) != b[s].get(k)]
+        raise UserError(f"run {run_dir} was trained with other settings ({', '.join(sorted(diff)[:6])}); "
+                        "use a new --name, or the same settings to finish it")
+
 
 def resolve_jobs(jobs: int | str, device: str, n_runs: int) -> int:
     """'auto': one process per CPU core (each on one thread) on CPU, one on a GPU."""
@@ -386,6 +408,7 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
         if not 0 <= todo_folds[0] < n_folds:
             raise UserError(f"--fold {fold}: this run has folds 0..{n_folds - 1}")
     seeds = list(seeds if seeds is not None else cfg["train"]["seeds"])
+    _check_same_settings(run_dir, cfg)
     save_config(cfg, run_dir / "config.yaml", cache=str(cdir))
     info = {"cache": str(cdir), "classes": meta["classes"], "rois": meta["rois"], "channels": meta["channels"]}
     (run_dir / "run.json").write_text(json.dumps({**info, "dataset": meta.get("dataset"), "root": meta.get("root"),

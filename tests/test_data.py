@@ -198,3 +198,28 @@ def test_generic_manifest(tmp_path):
     assert list(ds.table["split"]) == ["train", "train", "test_B"]
     shutil.rmtree(tmp_path / "clips" / "x2")
     assert any("train/x2: frame folder not found" in m for m in messages(load(tmp_path / "m.csv")))
+
+
+def test_test_rows_with_label_columns_are_never_dropped(tiny_dfme):
+    pd.DataFrame({"Filename": ["c_1", "c_2"], "FPS": [300, 500], "EmotionId": [-1, "?"]}).to_csv(
+        tiny_dfme / "test_A.csv", index=False)
+    ds = resolve_issues(load(tiny_dfme))
+    assert list(ds.split("test_A")["sample"]) == ["c_1", "c_2"]
+
+
+def test_single_column_csv_and_leading_zeros_are_kept(tiny_dfme):
+    (tiny_dfme / "test_A.csv").write_text("Filename\nc_1\nc_2\n")
+    ds = load(tiny_dfme, "data.fps=300")
+    assert list(ds.split("test_A")["sample"]) == ["c_1", "c_2"]
+    write_frames(tiny_dfme / "test_data_B" / "0007", 5)
+    (tiny_dfme / "test_B.xlsx").unlink()
+    (tiny_dfme / "test_B.csv").write_text("Filename,FPS\n0007,200\n")
+    assert list(load(tiny_dfme, "data.fps=300").split("test_B")["sample"]) == ["0007"]
+
+
+def test_one_based_emotion_ids_are_refused(tiny_dfme):
+    t = pd.read_excel(tiny_dfme / "train.xlsx")
+    t["EmotionId"] = [5, 7, 3, 1]
+    t.to_excel(tiny_dfme / "train.xlsx", index=False)
+    with pytest.raises(UserError, match="EmotionId runs 1..7, but ids must start at 0"):
+        load(tiny_dfme)

@@ -185,3 +185,13 @@ def test_train_finds_the_cache_and_explains_a_clip(trained_runs, tmp_path):
         C.find_cache(tmp_path / "c")
     with pytest.raises(UserError, match="no preprocessed dataset"):
         C.find_cache(tmp_path / "empty")
+
+
+def test_a_run_name_holds_one_configuration(trained_runs):
+    from mer.training import run_training
+
+    cfg, runs = trained_runs
+    other = {**cfg, "train": {**cfg["train"], "lr": 0.123}}
+    with pytest.raises(UserError, match=r"was trained with other settings \(train.lr\)"):
+        run_training(__import__("pathlib").Path(json.loads((runs["sequence"] / "run.json").read_text())["cache"]),
+                     other, "seq", jobs=1)
