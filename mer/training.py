@@ -410,7 +410,7 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
     seeds = list(seeds if seeds is not None else cfg["train"]["seeds"])
     _check_same_settings(run_dir, cfg)
     save_config(cfg, run_dir / "config.yaml", cache=str(cdir))
-    info = {"cache": str(cdir), "classes": meta["classes"], "rois": meta["rois"], "channels": meta["channels"]}
+    info = {"cache": str(Path(cdir).resolve()), "classes": meta["classes"], "rois": meta["rois"], "channels": meta["channels"]}
     (run_dir / "run.json").write_text(json.dumps({**info, "dataset": meta.get("dataset"), "root": meta.get("root"),
                                                   "model": cfg["model"]["name"]}, indent=1))
     pairs = [(f, s) for f in todo_folds for s in seeds]

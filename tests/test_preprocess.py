@@ -241,3 +241,14 @@ def test_shards_split_the_clips_between_jobs():
     for bad in ("4/4", "x", "1/0"):
         with pytest.raises(UserError, match="--shard"):
             parse_shard(bad)
+
+
+def test_shard_jobs_together_cache_every_clip_once(synth_root, tmp_path):
+    root = _small_copy(synth_root, tmp_path / "D", {"train": _names(synth_root, "train.xlsx", 5)})
+    cfg = work_config(tmp_path)
+    cdir = run(root, cfg, shard="0/2")
+    assert len(list(cdir.glob("train/clips/*.npz"))) == 3  # clips 0, 2, 4
+    assert (C.read_manifest(cdir, "train")["status"] == "pending").sum() == 2
+    run(root, cfg, shard="1/2")
+    m = C.read_manifest(cdir, "train")
+    assert len(m) == 5 and (m["status"] == "ok").all()
