@@ -24,7 +24,7 @@ def main() -> None:
         setup_logging(args.verbose)
         cfg = config_from_args(args)
         predict_and_submit(cfg, args.name, args.split, resolve_device(args.device), truth=args.truth,
-                           archive_files=not args.no_archive)
+                           archive_files=not args.no_archive, cache=args.cache)
 
     run_main(go)
 

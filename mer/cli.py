@@ -34,6 +34,8 @@ def add_submission_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", required=True, help="test_A | test_B (or any cached split)")
     parser.add_argument("--truth", help="truth table (Filename, EmotionId or Emotion) to score the submission")
     parser.add_argument("--no-archive", action="store_true", help="print the CSV only")
+    parser.add_argument("--cache", help="cache holding the split, if not the run's own (e.g. a test set "
+                        "preprocessed from its own folder with the same settings)")
     add_device_arg(parser)
     add_config_args(parser)
 

@@ -161,10 +161,11 @@ def fit_ensemble(runs: list[Path], cfg: dict) -> dict:
 # ----------------------------------------------------------------------------- submission
 
 def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: str, truth: str | None = None,
-                       archive_files: bool = True, ensemble: dict | None = None) -> pd.DataFrame:
+                       archive_files: bool = True, ensemble: dict | None = None,
+                       cache: str | None = None) -> pd.DataFrame:
     """Predict `split` with the runs, validate, print the CSV on stdout and archive the files."""
     runs = resolve_runs(cfg, names)
-    results = [predict_run(r, split, device) for r in runs]
+    results = [predict_run(r, split, device, cache) for r in runs]
     clips = results[0][0]
     for r, (c, _, _) in zip(runs[1:], results[1:]):
         if c.samples != clips.samples:
@@ -198,7 +199,7 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
 
 
 def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: str | None = None,
-                 archive_files: bool = True) -> pd.DataFrame:
+                 archive_files: bool = True, cache: str | None = None) -> pd.DataFrame:
     runs = resolve_runs(cfg, names)
     ens = fit_ensemble(runs, cfg)
     msg = f"ensemble of {len(runs)} run(s): weights {np.round(ens['weights'], 2).tolist()}"
@@ -209,7 +210,8 @@ def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: st
     log.info("%s; out-of-fold UF1 %.4f UAR %.4f ACC %.2f%% (in-sample: weights and biases were tuned "
              "on these predictions)", msg, ens["oof"]["uf1"], ens["oof"]["uar"],
              100 * ens["oof"]["acc"])
-    return predict_and_submit(cfg, [str(r) for r in runs], split, device, truth, archive_files, ensemble=ens)
+    return predict_and_submit(cfg, [str(r) for r in runs], split, device, truth, archive_files, ensemble=ens,
+                              cache=cache)
 
 
 __all__ = ["combine", "fit_ensemble", "nested_bias_gain", "predict_and_submit", "run_ensemble",

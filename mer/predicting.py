@@ -85,11 +85,25 @@ def split_clips(cdir: Path, split: str, apex_source: str) -> ClipData:
     return clips.subset(order)
 
 
-def predict_run(run_dir: str | Path, split: str, device: str = "cpu") -> tuple[ClipData, np.ndarray, dict]:
+def split_cache(run_cache: Path, cache: str | Path | None) -> Path:
+    """The run's own cache, or another one (e.g. a test set delivered in its own folder) made
+    with the same preprocessing settings."""
+    if cache is None:
+        return run_cache
+    cache = Path(cache)
+    C.read_meta(cache)
+    if cache.name != run_cache.name:
+        raise UserError(f"{cache} was preprocessed with other settings than the run's cache {run_cache} "
+                        f"(key {cache.name} vs {run_cache.name}): preprocess it with the same --config/--set")
+    return cache
+
+
+def predict_run(run_dir: str | Path, split: str, device: str = "cpu",
+                cache: str | Path | None = None) -> tuple[ClipData, np.ndarray, dict]:
     """Mean class probabilities of all of a run's models on `split`: (clips, probs (N, K), provenance)."""
     run_dir = Path(run_dir)
     info = run_info(run_dir)
-    cdir = Path(info["cache"])
+    cdir = split_cache(Path(info["cache"]), cache)
     models = load_models(run_dir, device)
     clips = split_clips(cdir, split, models[0].apex_source)
     probs = np.mean([softmax(predict_logits(m.model, clips, Normaliser(m.norm_scale), device)) for m in models], 0)

@@ -144,3 +144,26 @@ def test_missing_fold_missing_test_cache_and_frameless_row_give_errors_and_no_fi
     out = subprocess.run(_cmd("preprocess.py", cfg, "--root", str(root), "--splits", "test_B"), cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and f"[fatal] test_B/{first}: frame folder not found" in out.stderr
+
+
+def test_predict_a_test_set_preprocessed_from_its_own_folder(trained_runs, synth_root, tmp_path):
+    from mer.preprocessing import run
+
+    cfg, runs = trained_runs
+    root = tmp_path / "DFME_testB"  # test_B delivered alone, in its own folder
+    (root / "frames").mkdir(parents=True)
+    shutil.copy(synth_root / "test_B.xlsx", root)
+    for s in pd.read_excel(root / "test_B.xlsx", dtype={"Filename": str})["Filename"]:
+        (root / "frames" / s).symlink_to(synth_root / "test_data_B" / "test_data_B" / s)
+    cdir = run(root, cfg)
+    own = subprocess.run(_cmd("predict.py", cfg, "--split", "test_B", "--name", "seq", "--no-archive"), cwd=ROOT,
+                         capture_output=True, text=True)
+    other = subprocess.run(_cmd("predict.py", cfg, "--split", "test_B", "--name", "seq", "--no-archive",
+                                "--cache", str(cdir)), cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout == own.stdout
+    wrong = cdir.parent / "0123456789ab"
+    shutil.copytree(cdir, wrong)
+    out = subprocess.run(_cmd("predict.py", cfg, "--split", "test_B", "--name", "seq", "--cache", str(wrong)),
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "other settings" in out.stderr and out.stdout == ""
