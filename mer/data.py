@@ -584,7 +584,7 @@ def summary(ds: Dataset) -> str:
         t = ds.split(split)
         fps = ", ".join(f"{int(k)} fps: {v}" for k, v in t["fps"].value_counts().sort_index().items())
         subjects = t["subject"][t["subject"] != ""].nunique()
-        line = f"  {split}: {len(t)} clips, {subjects or '?'} subjects ({fps})"
+        line = f"  {split}: {len(t)} clips, {f'{subjects} subjects' if subjects else 'subjects not given'} ({fps})"
         if t["label"].notna().any():
             counts = t["label"].value_counts().sort_index()
             line += "; " + ", ".join(f"{ds.classes[int(k)]} {v}" for k, v in counts.items())
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> int:
         setup_logging(args.verbose)
         ds = resolve_issues(load_dataset(args.root, config_from_args(args)))
-        print(summary(ds), file=sys.stderr)
+        print(summary(ds))  # the summary is this command's output; problems were logged on stderr
         return 0
 
     run_main(run)

@@ -71,6 +71,9 @@ def split_clips(cdir: Path, split: str, apex_source: str) -> ClipData:
     """Every row of a split's table, in table order; an error names the rows without a cache entry."""
     if not (cdir / split / "manifest.csv").is_file():
         meta = C.read_meta(cdir)
+        if split not in ("train", "test_A", "test_B"):
+            raise UserError(f"no split '{split}': splits are train, test_A and test_B "
+                            f"(cached here: {', '.join(meta.get('splits', []))})")
         raise UserError(f"split {split} is not in the cache {cdir}: run "
                         f"`python preprocess.py --root {meta.get('root', 'DATASET')} --splits {split}` "
                         "with the same settings")
