@@ -7,8 +7,7 @@
 
 import argparse
 
-from mer.cli import add_config_args, config_from_args, run_main, setup_logging
-from mer.face import cpu_count
+from mer.cli import add_config_args, config_from_args, cpu_count, run_main, setup_logging
 from mer.preprocessing import run
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import shutil
 import subprocess
 import sys
@@ -71,9 +70,9 @@ def probe_uf1(feats: list[np.ndarray], labels: np.ndarray, subjects: np.ndarray,
     return scores(labels, pred, n_classes=int(labels.max()) + 1)["uf1"]
 
 
-def reference_features(clip, cfg: dict, extractor) -> tuple[np.ndarray, int]:
+def reference_features(clip, cfg: dict, extractor) -> np.ndarray:
     """Public-code style: decode EVERY frame, crop at 256 px, Farneback from the first frame,
-    same ROIs and pooling. Returns (features, frames read)."""
+    same ROIs and pooling."""
     from .data import list_frames
     from .face import crop_matrix, transform_points
     from .features import RoiPooler, global_motion, roi_boxes
@@ -97,7 +96,7 @@ def reference_features(clip, cfg: dict, extractor) -> tuple[np.ndarray, int]:
         flow -= global_motion(flow, layout.nose)
         feats.append(pool(flow))
     unit = 100.0 / float(np.hypot(*(lm[42] - lm[39])))
-    return np.stack(feats) * unit, len(frames)
+    return np.stack(feats) * unit
 
 
 def bench_preprocess(args: argparse.Namespace) -> None:
@@ -129,7 +128,7 @@ def bench_preprocess(args: argparse.Namespace) -> None:
         ours.append(res["features"])
         if not args.skip_reference:
             t0 = time.process_time()
-            f_ref, _ = reference_features(clip, cfg, ex)
+            f_ref = reference_features(clip, cfg, ex)
             row["cpu_reference"] = time.process_time() - t0
             theirs.append(f_ref)
         rows.append(row)

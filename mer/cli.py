@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -14,6 +15,11 @@ log = logging.getLogger("mer")
 
 class UserError(Exception):
     """A problem the user can fix (bad input, missing files): reported as one line, exit code 2."""
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects CPU affinity, e.g. a cluster job's allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ the frames on disk and says, one line per problem, what is wrong and with which 
 from __future__ import annotations
 
 import logging
-import sys
 import os
 import re
 from dataclasses import dataclass, field

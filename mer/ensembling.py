@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .cli import UserError
-from .metrics import format_scores, scores
+from .metrics import scores
 from .predicting import log_fallbacks, predict_run, run_info
 from .report import ensemble_oof, read_oof
 from . import submission as S
@@ -213,6 +213,3 @@ def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: st
     return predict_and_submit(cfg, [str(r) for r in runs], split, device, truth, archive_files, ensemble=ens,
                               cache=cache)
 
-
-__all__ = ["combine", "fit_ensemble", "nested_bias_gain", "predict_and_submit", "run_ensemble",
-           "search_weights", "tune_biases", "format_scores"]

@@ -8,7 +8,6 @@ is opt-in and needs its weights in the torch hub cache.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import cv2
@@ -155,10 +154,3 @@ def transform_points(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return pts @ m[:, :2].T + m[:, 2]
 
 
-def scaled(m: np.ndarray, factor: float) -> np.ndarray:
-    """The same crop at another resolution (factor = new size / old size)."""
-    return m * factor
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -308,7 +308,7 @@ def preprocess(ds: Dataset, cfg: dict, splits: list[str], cdir: Path, workers: i
                 bar.update()
         bar.close()
     manifests = {s: build_manifest(ds, s, cdir) for s in splits}
-    _log_summary(manifests, todo, time.time() - t0)
+    _log_summary(manifests, {str(Path(p).relative_to(cdir)) for _, p in todo}, time.time() - t0)
     return manifests
 
 
@@ -327,17 +327,17 @@ def build_manifest(ds: Dataset, split: str, cdir: Path) -> pd.DataFrame:
     return df
 
 
-def _log_summary(manifests: dict[str, pd.DataFrame], todo: list, seconds: float) -> None:
+def _log_summary(manifests: dict[str, pd.DataFrame], done_files: set[str], seconds: float) -> None:
     for split, m in manifests.items():
         counts = m["status"].value_counts().to_dict()
         log.info("%s: %s", split, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         for r in m[m["status"].isin(["failed", "fallback"])].itertuples():
             log.warning("  %s %s/%s: %s", r.status, split, r.sample, r.reason)
-    if todo:
+    if done_files:
         done = pd.concat(manifests.values())
-        done = done[done["file"].isin({str(Path(p).relative_to(Path(p).parents[2])) for _, p in todo})]
+        done = done[done["file"].isin(done_files)]
         frames = pd.to_numeric(done["frames_read"], errors="coerce").sum()
-        log.info("processed %d clips in %.1f s (%.0f frames read, %.0f frames/s)", len(todo), seconds,
+        log.info("processed %d clips in %.1f s (%.0f frames read, %.0f frames/s)", len(done_files), seconds,
                  frames, frames / max(seconds, 1e-9))
 
 

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from . import cache as C
 from .augment import augment
-from .cli import UserError
+from .cli import UserError, cpu_count
 from .config import save_config, stable_hash
 from .features import mirror_permutation, roi_specs
-from .metrics import format_scores, scores
+from .metrics import scores
 from .models import build_model
 
 log = logging.getLogger("mer.train")
@@ -379,7 +379,7 @@ def _check_same_settings(run_dir: Path, cfg: dict) -> None:
 def resolve_jobs(jobs: int | str, device: str, n_runs: int) -> int:
     """'auto': one process per CPU core (each on one thread) on CPU, one on a GPU."""
     if jobs == "auto":
-        jobs = 1 if device.startswith("cuda") else (os.cpu_count() or 1)
+        jobs = 1 if device.startswith("cuda") else cpu_count()
     try:
         jobs = int(jobs)
     except ValueError:
@@ -415,7 +415,7 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
                                                   "model": cfg["model"]["name"]}, indent=1))
     pairs = [(f, s) for f in todo_folds for s in seeds]
     jobs = resolve_jobs(jobs, device, len(pairs))
-    threads = int(cfg["train"]["num_threads"]) or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0)
+    threads = int(cfg["train"]["num_threads"]) or (max(1, cpu_count() // jobs) if jobs > 1 else 0)
     log.info("run %s: %d clips, %d folds (%s), seeds %s, model %s, device %s, %d parallel job(s)", run_dir,
              len(clips), n_folds, cfg["train"]["protocol"], seeds, cfg["model"]["name"], device, jobs)
     args = [(clips, folds, f, s, cfg, info, run_dir / f"fold{f}" / f"seed{s}", device) for f, s in pairs]

@@ -162,7 +162,7 @@ def test_corrupt_or_missing_cache_file_is_named(tmp_path, synth_cache):
     cmd = [sys.executable, str(ROOT / "train.py"), "--cache", str(copy), "--set", f"train.run_dir={tmp_path}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2
-    assert f"cache file" in out.stderr and (files[0].name in out.stderr or files[1].name in out.stderr)
+    assert "cache file" in out.stderr and (files[0].name in out.stderr or files[1].name in out.stderr)
     with pytest.raises(UserError, match=f"cache file corrupt: .*{files[0].name}"):
         C.load_clip(files[0])
     with pytest.raises(UserError, match=f"cache file missing: .*{files[1].name}"):
