@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from . import cache as C
 from .cli import UserError
-from .data import TEST_SPLITS, Dataset, frame_number, list_frames
+from .data import TEST_SPLITS, Dataset
 from .face import centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
 from .features import HeadMotion, RoiPooler, grid_frames, roi_boxes, roi_specs
 from .flow import make_flow, optical_strain
+from .frames import FolderFrames, FrameSource
 
 log = logging.getLogger("mer.preprocess")
 
@@ -51,6 +52,34 @@ class Clip:
 
 
 @dataclass
+class Face:
+    """Where the face is in a clip: crop matrix (frame -> flow crop), landmarks (frame px), ROI
+    layout on the crop, feature unit (100 / inner-eye distance in crop px), status, head motion."""
+
+    matrix: np.ndarray
+    landmarks: np.ndarray
+    layout: object
+    unit: float
+    status: str
+    reason: str
+    head: HeadMotion
+
+
+@dataclass
+class Track:
+    """What the flow loop gathers: per-step features, times, frame numbers, head motion; the
+    strongest step (motion, frame number, flow) for the onset-apex map; the crop's re-anchoring."""
+
+    ref: np.ndarray
+    feats: list = field(default_factory=list)
+    times: list = field(default_factory=list)
+    numbers: list = field(default_factory=list)
+    head: list = field(default_factory=list)
+    best: tuple = (-1.0, None, None)
+    offset: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+
+@dataclass
 class Extractor:
     """The per-process machinery (landmarker, flow), built once per worker."""
 
@@ -74,54 +103,80 @@ class Extractor:
         return self._landmarker
 
     # ------------------------------------------------------------------ one clip
-    def process(self, clip: Clip, debug: bool = False) -> dict:
-        """Arrays and status fields of one clip (see cache.MANIFEST_COLUMNS)."""
+    def process(self, clip: Clip, debug: bool = False, frames: FrameSource | None = None) -> dict:
+        """Arrays and status fields of one clip (see cache.MANIFEST_COLUMNS).
+
+        `frames`: where to read the clip's frames (default: the image files of clip.frames_dir)."""
         t0 = time.process_time()
-        p = self.cfg["preprocess"]
-        frames = list_frames(clip.frames_dir, clip.exts)
-        numbers = np.array([frame_number(f) for f in frames], np.float64)
-        if not np.isnan(clip.start_frame) and not np.isnan(clip.end_frame):
-            keep = (numbers >= clip.start_frame) & (numbers <= clip.end_frame)
-            frames, numbers = [f for f, k in zip(frames, keep) if k], numbers[keep]
+        if frames is None:
+            frames = FolderFrames.of(clip.frames_dir, clip.exts, clip.start_frame, clip.end_frame)
+        rec = self._check(clip, frames)
+        read = self._reader(clip, frames, rec)
+        ref_pos, ref_img = self._reference(read, len(frames))
+        face = self._face(clip, frames, read, ref_pos, ref_img, rec)
+        track = self._track(clip, frames, read, ref_pos, ref_img, face, rec)
+        out = self._outputs(clip, frames, read, ref_img, face, track)
+        rec.update({
+            "status": face.status, "reason": face.reason, "steps": len(track.feats),
+            "duration_ms": float(track.times[-1]),
+            "head_motion": float(np.abs(out["head"][:, :2]).max()),
+            "seconds": time.process_time() - t0,
+        })
+        out.update({k: np.asarray(v) for k, v in rec.items()})
+        if debug:
+            out["_debug"] = self._debug(ref_img, face, track)
+        return out
+
+    def _check(self, clip: Clip, frames: FrameSource) -> dict:
+        """The clip's status record, after checks that need no decoding."""
         if len(frames) < 2:
             raise ClipError(f"only {len(frames)} frame(s) in {clip.frames_dir}")
         if not clip.fps or np.isnan(clip.fps) or clip.fps <= 0:
             raise ClipError(f"invalid frame rate {clip.fps}")
-        duration = (numbers[-1] - numbers[0]) * 1000.0 / clip.fps
+        p = self.cfg["preprocess"]
+        duration = (frames.numbers[-1] - frames.numbers[0]) * 1000.0 / clip.fps
         if duration > p["max_ms"]:
             log.info("%s/%s: %.0f ms long, truncated to preprocess.max_ms=%.0f", clip.split, clip.sample,
                      duration, p["max_ms"])
-        rec = {"fps": float(clip.fps), "frames_total": len(frames), "unreadable": 0, "frames_read": 0}
+        return {"fps": float(clip.fps), "frames_total": len(frames), "unreadable": 0, "frames_read": 0}
 
+    @staticmethod
+    def _reader(clip: Clip, frames: FrameSource, rec: dict):
+        """read(i): frame i in grey, counted; an undecodable frame is logged and skipped (None)."""
         def read(i: int) -> np.ndarray | None:
             rec["frames_read"] += 1
-            img = cv2.imread(str(frames[i]), cv2.IMREAD_GRAYSCALE)
+            img = frames.read(i)
             if img is None:
                 rec["unreadable"] += 1
-                log.warning("%s/%s: unreadable frame %s (skipped)", clip.split, clip.sample, frames[i].name)
+                log.warning("%s/%s: unreadable frame %s (skipped)", clip.split, clip.sample, frames.name(i))
             return img
+        return read
 
-        # Reference frame: the first readable one.
-        ref_pos, ref_img = None, None
-        for i in range(min(len(frames), 5)):
-            ref_img = read(i)
-            if ref_img is not None:
-                ref_pos = i
-                break
-        if ref_img is None:
-            raise ClipError("the first frames are unreadable")
+    @staticmethod
+    def _reference(read, n: int) -> tuple[int, np.ndarray]:
+        """The reference frame: the first readable one (motion is measured from it)."""
+        for i in range(min(n, 5)):
+            img = read(i)
+            if img is not None:
+                return i, img
+        raise ClipError("the first frames are unreadable")
 
-        # Face on the reference frame, else on the following frames.
-        status, reason, found = "ok", "", None
+    def _face(self, clip: Clip, frames: FrameSource, read, ref_pos: int, ref_img: np.ndarray, rec: dict) -> "Face":
+        """Landmarks on the reference frame (else the following frames), the crop and the ROI layout.
+
+        A train clip without a face fails; a test clip gets a centred box (status 'fallback')."""
+        p = self.cfg["preprocess"]
+        found = None
         for i in range(ref_pos, min(len(frames), ref_pos + max(1, p["detect_frames"]))):
             img = ref_img if i == ref_pos else read(i)
             if img is None:
                 continue
             found = self.landmarker(img)
             if found is not None:
-                rec["detect_frame"] = int(numbers[i])
+                rec["detect_frame"] = int(frames.numbers[i])
                 break
-        size, fsize = p["crop_size"], p["flow_size"]
+        fsize = p["flow_size"]
+        status, reason = "ok", ""
         if found is not None:
             try:
                 m = crop_matrix(found[0], fsize, p["crop_scale"], p["crop_center_y"])
@@ -129,97 +184,105 @@ class Extractor:
             except ValueError:  # degenerate landmarks: as good as no face
                 found = None
         if found is None and clip.is_test:
-            status, reason = "fallback", f"no face found in the first {p['detect_frames']} frames: centred box, template landmarks"
+            status = "fallback"
+            reason = f"no face found in the first {p['detect_frames']} frames: centred box, template landmarks"
             m = centred_matrix(ref_img.shape, fsize)
-            landmarks = transform_points(cv2.invertAffineTransform(m), template_landmarks(fsize, p["crop_scale"], p["crop_center_y"]))
+            landmarks = transform_points(cv2.invertAffineTransform(m),
+                                         template_landmarks(fsize, p["crop_scale"], p["crop_center_y"]))
             conf = 0.0
             rec["detect_frame"] = -1
         elif found is None:
             raise ClipError(f"no face found in the first {p['detect_frames']} frames")
         rec["landmark_conf"] = float(conf)
-
         crop_lm = transform_points(m, landmarks)
         layout = roi_boxes(crop_lm, self.specs, fsize, p["roi_size"], p["nose_landmarks"])
-        pool = RoiPooler(layout.boxes, fsize, p["top_frac"], self.channels)
-        head_motion = HeadMotion(p["head_motion"], crop_lm, layout.nose, fsize)
         eye_dist = float(np.hypot(*(crop_lm[42] - crop_lm[39])))
-        unit = 100.0 / eye_dist  # features in % of the inner-eye-corner distance: face-size free
-        ref = cv2.warpAffine(ref_img, m, (fsize, fsize), flags=cv2.INTER_AREA)
+        return Face(m, landmarks, layout, 100.0 / eye_dist, status, reason,
+                    HeadMotion(p["head_motion"], crop_lm, layout.nose, fsize))
 
-        pos, times = grid_frames(numbers[ref_pos:], clip.fps, p["grid_ms"], p["max_ms"])
+    def _flow_at(self, ref: np.ndarray, img: np.ndarray, face: "Face", offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Head-motion-free flow from the reference crop to this frame's crop, and the head motion."""
+        fsize = self.cfg["preprocess"]["flow_size"]
+        mi = face.matrix.copy()
+        mi[:, 2] -= offset
+        flow = self._flow(ref, cv2.warpAffine(img, mi, (fsize, fsize), flags=cv2.INTER_AREA))
+        motion, hm = face.head(flow)
+        flow -= motion
+        return flow, hm
+
+    def _track(self, clip: Clip, frames: FrameSource, read, ref_pos: int, ref_img: np.ndarray, face: "Face",
+               rec: dict) -> "Track":
+        """ROI features on the ms grid, each step's flow from the reference frame, head motion
+        removed; the crop re-anchored when the head moved more than reanchor_px."""
+        p = self.cfg["preprocess"]
+        fsize = p["flow_size"]
+        pool = RoiPooler(face.layout.boxes, fsize, p["top_frac"], self.channels)
+        ref = cv2.warpAffine(ref_img, face.matrix, (fsize, fsize), flags=cv2.INTER_AREA)
+        pos, times = grid_frames(frames.numbers[ref_pos:], clip.fps, p["grid_ms"], p["max_ms"])
         pos = pos + ref_pos
         use_strain = "strain" in self.channels
-        feats, kept_t, kept_n, head = [], [], [], []
-        offset = np.zeros(2)
-        reanchor = p["reanchor_px"] * fsize / size
-        best = (-1.0, None, None)
-        debug_out: dict = {}
+        track = Track(ref)
+        reanchor = p["reanchor_px"] * fsize / p["crop_size"]
         rec["reanchors"] = 0
+        uv = [self.channels.index(c) for c in ("u", "v") if c in self.channels]
         for i, t in zip(pos, times):
             img = ref_img if i == ref_pos else read(i)
             if img is None:
                 continue
-            mi = m.copy()
-            mi[:, 2] -= offset
-            cur = cv2.warpAffine(img, mi, (fsize, fsize), flags=cv2.INTER_AREA)
-            flow = self._flow(ref, cur)
-            motion, hm = head_motion(flow)
-            flow -= motion
+            flow, hm = self._flow_at(ref, img, face, track.offset)
             g = hm[:2]
-            strain = optical_strain(flow) if use_strain else None
-            f = pool(flow, strain)
-            feats.append(f)
-            kept_t.append(t)
-            kept_n.append(numbers[i])
-            head.append(np.array([offset[0] + g[0], offset[1] + g[1], hm[2]]))
-            motion = float(np.hypot(f[:, 0], f[:, 1]).sum()) if f.shape[1] >= 2 else 0.0
-            if motion > best[0]:
-                best = (motion, numbers[i], flow.copy())
+            f = pool(flow, optical_strain(flow) if use_strain else None)
+            track.feats.append(f)
+            track.times.append(t)
+            track.numbers.append(frames.numbers[i])
+            track.head.append(np.array([track.offset[0] + g[0], track.offset[1] + g[1], hm[2]]))
+            motion = float(np.hypot(*f[:, uv].T).sum()) if len(uv) == 2 else float(np.abs(f).sum())
+            if motion > track.best[0]:
+                track.best = (motion, frames.numbers[i], flow.copy())
             if reanchor > 0 and np.hypot(*g) > reanchor:
-                offset += g
+                track.offset = track.offset + g
                 rec["reanchors"] += 1
-        if len(feats) < 2:
+        if len(track.feats) < 2:
             raise ClipError("fewer than 2 readable frames on the time grid")
+        return track
 
-        features = np.stack(feats) * unit
+    def _outputs(self, clip: Clip, frames: FrameSource, read, ref_img: np.ndarray, face: "Face",
+                 track: "Track") -> dict:
+        """The cached arrays: features in % of the inner-eye distance (strain unit-free), apex maps."""
+        p = self.cfg["preprocess"]
+        unit = face.unit
+        features = np.stack(track.feats) * unit
         if "strain" in self.channels:
             features[..., self.channels.index("strain")] /= unit  # strain is unit-free
-        apex_size = p["apex_size"]
         out = {
             "features": features.astype(np.float32),
-            "times_ms": np.asarray(kept_t, np.float32),
-            "frame_numbers": np.asarray(kept_n, np.int64),
-            "head": np.asarray(head, np.float32) * np.array([unit, unit, 1.0], np.float32),
-            "landmarks": landmarks.astype(np.float32),
-            "crop_matrix": m.astype(np.float32),
-            "apex_map": self._apex_map(best[2], unit, apex_size),
-            "apex_motion_frame": np.int64(best[1]),
+            "times_ms": np.asarray(track.times, np.float32),
+            "frame_numbers": np.asarray(track.numbers, np.int64),
+            "head": np.asarray(track.head, np.float32) * np.array([unit, unit, 1.0], np.float32),
+            "landmarks": face.landmarks.astype(np.float32),
+            "crop_matrix": face.matrix.astype(np.float32),
+            "apex_map": self._apex_map(track.best[2], unit, p["apex_size"]),
+            "apex_motion_frame": np.int64(track.best[1]),
         }
         apex_annotated = -1
         if not np.isnan(clip.apex):
-            hit = np.nonzero(numbers == clip.apex)[0]
+            hit = np.nonzero(frames.numbers == clip.apex)[0]
             if len(hit) and (img := read(int(hit[0]))) is not None:
-                mi = m.copy()
-                mi[:, 2] -= offset
-                flow = self._flow(ref, cv2.warpAffine(img, mi, (fsize, fsize), flags=cv2.INTER_AREA))
-                flow -= head_motion(flow)[0]
-                out["apex_map_annotated"] = self._apex_map(flow, unit, apex_size)
+                flow, _ = self._flow_at(track.ref, img, face, track.offset)
+                out["apex_map_annotated"] = self._apex_map(flow, unit, p["apex_size"])
                 apex_annotated = int(clip.apex)
         out["apex_annotated_frame"] = np.int64(apex_annotated)
-        rec.update({
-            "status": status, "reason": reason, "steps": len(feats),
-            "duration_ms": float(kept_t[-1]),
-            "head_motion": float(np.abs(out["head"][:, :2]).max()),
-            "seconds": time.process_time() - t0,
-        })
-        out.update({k: np.asarray(v) for k, v in rec.items()})
-        if debug:
-            debug_out.update(ref_crop=cv2.warpAffine(ref_img, m * (size / fsize), (size, size), flags=cv2.INTER_AREA),
-                             crop_landmarks=transform_points(m * (size / fsize), landmarks),
-                             boxes=layout.boxes * (size / fsize), nose=layout.nose * (size / fsize),
-                             peak_flow=best[2], roi_names=[r["name"] for r in self.specs])
-            out["_debug"] = debug_out
         return out
+
+    def _debug(self, ref_img: np.ndarray, face: "Face", track: "Track") -> dict:
+        """What --inspect draws: the crop at crop_size, landmarks, ROI boxes, the peak flow."""
+        p = self.cfg["preprocess"]
+        k = p["crop_size"] / p["flow_size"]
+        size = p["crop_size"]
+        return dict(ref_crop=cv2.warpAffine(ref_img, face.matrix * k, (size, size), flags=cv2.INTER_AREA),
+                    crop_landmarks=transform_points(face.matrix * k, face.landmarks),
+                    boxes=face.layout.boxes * k, nose=face.layout.nose * k,
+                    peak_flow=track.best[2], roi_names=[r["name"] for r in self.specs])
 
     def _apex_map(self, flow: np.ndarray | None, unit: float, side: int) -> np.ndarray:
         """(3, side, side): u, v in % of eye distance, and strain, of the first-to-apex flow."""

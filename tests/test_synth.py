@@ -1,4 +1,4 @@
-"""Tests of the synthetic DFME generator (mer/synth.py): layout, determinism, realism."""
+"""Tests of the synthetic DFME generator (mer/synth/): layout, determinism, realism."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mer import synth
-from mer.synth import (AU_LANDMARKS, EMOTION_ID, EMOTIONS, TABLE_COLUMNS, SynthConfig,
+from mer.synth import (AU_LANDMARKS, EMOTION_ID, EMOTIONS, TABLE_COLUMNS, TRUTH_COLUMNS, SynthConfig,
                        au_landmark_displacement, clip_curves, clip_truth, generate, iter_frames,
                        plan_dataset, render_clip, single_clip_spec)
 
@@ -54,7 +54,8 @@ def test_layout_tables_and_truth(tiny_set):
     for split, folder in dirs.items():
         table = pd.read_excel(out / f"{split}.xlsx")
         tcsv = pd.read_csv(truth / f"{split}.csv")
-        assert list(tcsv.columns) == list(TABLE_COLUMNS)
+        assert list(tcsv.columns) == list(TRUTH_COLUMNS)
+        assert list(TRUTH_COLUMNS[:len(TABLE_COLUMNS)]) == list(TABLE_COLUMNS)
         assert list(tcsv.Filename) == list(table.Filename)  # truth rows in table order
         assert list(tcsv.FPS) == list(table.FPS)
         assert sorted(p.name for p in folder.iterdir()) == sorted(table.Filename)
@@ -74,7 +75,7 @@ def test_layout_tables_and_truth(tiny_set):
             k = len(z["au_ids"])
             assert z["au_curves"].shape == (n, k) and z["au_side"].shape == (k,)
             assert z["au_amplitude_px"].shape == (k,) and z["landmarks"].shape == (68, 2)
-            assert z["head"].shape == (n, 3) and z["blink"].shape == (n,)
+            assert z["head"].shape == (n, 6) and z["blink"].shape == (n,)
             assert 0 <= z["au_curves"].min() and z["au_curves"].max() <= 1
             assert int(z["fps"]) == row.FPS and int(z["emotion_id"]) == row.EmotionId
             assert int(np.argmax(z["au_curves"].sum(1))) + 1 == row.ApexFrame

@@ -1,0 +1,59 @@
+"""A clip's frames by position: their frame numbers and a reader that decodes only what is asked for.
+
+Preprocessing reads frames through this interface, so the same code runs on image folders on disk
+(`FolderFrames`) and on frames rendered in memory by the generator (`mer.synth.stream`), which lets
+a benchmark stream thousands of generated clips without writing them to disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from .data import frame_number, list_frames
+
+
+class FrameSource(Protocol):
+    """Frames of one clip, in time order."""
+
+    numbers: np.ndarray  # frame number of each position (from the file names; gaps count as time)
+
+    def __len__(self) -> int: ...
+
+    def read(self, i: int) -> np.ndarray | None:
+        """Frame at position i as an 8-bit grayscale image, or None if it cannot be decoded."""
+
+    def name(self, i: int) -> str:
+        """How to name frame i in a message."""
+
+
+@dataclass
+class FolderFrames:
+    """Image files of a folder, sorted by the number in their names."""
+
+    paths: list[Path]
+    numbers: np.ndarray
+
+    @classmethod
+    def of(cls, folder: str | Path, exts=(".png", ".jpg", ".jpeg", ".bmp"), start: float = np.nan,
+           end: float = np.nan) -> "FolderFrames":
+        """The frames of `folder`, limited to frame numbers start..end when both are given."""
+        paths = list_frames(folder, exts)
+        numbers = np.array([frame_number(f) for f in paths], np.float64)
+        if not np.isnan(start) and not np.isnan(end):
+            keep = (numbers >= start) & (numbers <= end)
+            paths, numbers = [f for f, k in zip(paths, keep) if k], numbers[keep]
+        return cls(paths, numbers)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> np.ndarray | None:
+        return cv2.imread(str(self.paths[i]), cv2.IMREAD_GRAYSCALE)
+
+    def name(self, i: int) -> str:
+        return self.paths[i].name
