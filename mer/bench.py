@@ -245,26 +245,68 @@ def bench_train(args: argparse.Namespace) -> None:
           "nothing: the clips are repeats, for timing only)")
 
 
+def add_ablation_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("ablate")
+    g.add_argument("--rows", nargs="+", help="ablate: rows to run (default: all; the default row and the rows "
+                   "a row combines are always added)")
+    g.add_argument("--subjects", type=int, default=40, help="ablate: generated subjects")
+    g.add_argument("--difficulty", default="dfme", help="ablate: generator preset")
+    g.add_argument("--synth-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="ablate: change a generator setting, e.g. --synth-set label_noise=0")
+    g.add_argument("--device", default="cpu", help="ablate: training device (auto, cpu, cuda)")
+    g.add_argument("--out", help="ablate: table path without suffix (default WORK/ablation)")
+    g.add_argument("--bootstrap", type=int, default=2000, help="ablate: bootstrap resamples")
+
+
+def bench_ablate(args: argparse.Namespace) -> None:
+    """The ablation table (mer/ablation.py) on a streamed dfme-difficulty set."""
+    import yaml
+
+    from .ablation import run_ablation, select_rows
+    from .cli import cpu_count, resolve_device
+    from .synth import SynthConfig
+
+    overrides = {}
+    for text in args.synth_set:
+        key, _, value = text.partition("=")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    n = args.subjects
+    synth = SynthConfig.preset(args.difficulty, subjects=n, split_subjects=(n, 0, 0), total_clips=args.clips,
+                               seed=args.seed, **overrides)
+    seeds = args.seeds if args.seeds_given else [0, 1, 2]
+    work = Path(args.work or Path(tempfile.gettempdir()) / f"mer_ablate_{args.difficulty}_{args.clips}_{args.seed}")
+    rows = select_rows(args.rows)
+    table = run_ablation(work, synth, rows, seeds, args.workers or cpu_count(), resolve_device(args.device),
+                         args.jobs, args.set, Path(args.out) if args.out else None, args.bootstrap)
+    print((Path(args.out) if args.out else work / "ablation").with_suffix(".md").read_text())
+    del table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mer.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["preprocess", "train"])
+    parser.add_argument("what", choices=["preprocess", "train", "ablate"])
     parser.add_argument("--data", type=Path, help="generated dataset to use (default: generate one in /tmp)")
-    parser.add_argument("--clips", type=int, default=60, help="clips to generate")
+    parser.add_argument("--clips", type=int, help="clips to generate (default 60; ablate: 400)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2, help="generator processes")
+    parser.add_argument("--workers", type=int, default=2, help="generator (ablate: render+preprocess) processes")
     parser.add_argument("--skip-reference", action="store_true", help="preprocess: skip the Farneback reference")
     parser.add_argument("--limit", type=int, default=40, help="preprocess: clips to time")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train: seeds for the accuracy runs")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train: seeds for the accuracy runs (default 0); "
+                        "ablate: seeds per row (default 0 1 2)")
     parser.add_argument("--jobs", default="auto", help="train: parallel training processes")
     parser.add_argument("--skip-full", action="store_true", help="train: skip the 1,856-clip timing run")
     parser.add_argument("--only-full", action="store_true", help="train: only the 1,856-clip timing run")
     parser.add_argument("--work", help="train: folder for caches and runs (default: a new temp folder)")
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[])
+    add_ablation_args(parser)
     args = parser.parse_args(argv)
+    args.seeds_given = args.seeds is not None
+    args.clips = args.clips or (400 if args.what == "ablate" else 60)
+    args.seeds = args.seeds or [0]
     setup_logging()
-    {"preprocess": bench_preprocess, "train": bench_train}[args.what](args)
+    {"preprocess": bench_preprocess, "train": bench_train, "ablate": bench_ablate}[args.what](args)
 
 
 if __name__ == "__main__":

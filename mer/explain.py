@@ -30,7 +30,7 @@ def explain(cfg: dict, name: str, sample: str, out: str | None, device: str = "c
     split, clips = None, None
     for s in ("train", "test_A", "test_B"):
         if (cdir / s / "manifest.csv").is_file():
-            c = load_clips(cdir, s)
+            c = load_clips(cdir, s, channels=info.get("channels"))
             if sample in c.samples:
                 split, clips = s, c
                 break

@@ -31,6 +31,7 @@ class LoadedModel:
     classes: list[str]
     config_hash: str
     path: Path
+    channels: list[str] | None = None  # feature channels the model reads, by name (None: all cached)
 
 
 def run_info(run_dir: Path) -> dict:
@@ -63,11 +64,12 @@ def load_models(run_dir: str | Path, device: str = "cpu") -> list[LoadedModel]:
             raise UserError(f"cannot load model {p}: {e}; retrain it (delete its folder and rerun train.py)") from None
         model.to(device).eval()
         models.append(LoadedModel(model, state["model_name"], state["norm_scale"], state["fold"], state["seed"],
-                                  state["apex_source"], list(state["classes"]), state["config_hash"], p))
+                                  state["apex_source"], list(state["classes"]), state["config_hash"], p,
+                                  state.get("channels")))
     return models
 
 
-def split_clips(cdir: Path, split: str, apex_source: str) -> ClipData:
+def split_clips(cdir: Path, split: str, apex_source: str, channels: list[str] | None = None) -> ClipData:
     """Every row of a split's table, in table order; an error names the rows without a cache entry."""
     if not (cdir / split / "manifest.csv").is_file():
         meta = C.read_meta(cdir)
@@ -77,7 +79,7 @@ def split_clips(cdir: Path, split: str, apex_source: str) -> ClipData:
         raise UserError(f"split {split} is not in the cache {cdir}: run "
                         f"`python preprocess.py --root {meta.get('root', 'DATASET')} --splits {split}` "
                         "with the same settings")
-    clips = load_clips(cdir, split, apex_source, require_all=True)
+    clips = load_clips(cdir, split, apex_source, require_all=True, channels=channels)
     if len(clips) == 0:
         raise UserError(f"split {split} has no rows in the cache {cdir}: nothing to predict")
     rows = C.read_meta(cdir).get("table_rows", {}).get(split)
@@ -108,7 +110,7 @@ def predict_run(run_dir: str | Path, split: str, device: str = "cpu",
     info = run_info(run_dir)
     cdir = split_cache(Path(info["cache"]), cache)
     models = load_models(run_dir, device)
-    clips = split_clips(cdir, split, models[0].apex_source)
+    clips = split_clips(cdir, split, models[0].apex_source, models[0].channels)
     probs = np.mean([softmax(predict_logits(m.model, clips, Normaliser(m.norm_scale), device)) for m in models], 0)
     report = run_dir / "report.json"
     prov = {"run": str(run_dir), "cache": str(cdir), "model": models[0].model_name,

@@ -57,8 +57,21 @@ class ClipData:
                         [self.apex[i] for i in idx], self.manifest.iloc[idx].reset_index(drop=True))
 
 
-def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all: bool = False) -> ClipData:
-    """Clips of a split with a usable cache entry (status ok or fallback).
+def channel_index(cached: list[str], wanted: list[str] | None) -> list[int]:
+    """Positions of the `wanted` channels (by name) among the `cached` ones; all if None."""
+    if not wanted:
+        return list(range(len(cached)))
+    missing = [c for c in wanted if c not in cached]
+    if missing:
+        raise UserError(f"model.channels asks for {', '.join(missing)}, but the cache holds only "
+                        f"{', '.join(cached)}: preprocess with preprocess.channels including them")
+    return [cached.index(c) for c in wanted]
+
+
+def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all: bool = False,
+               channels: list[str] | None = None) -> ClipData:
+    """Clips of a split with a usable cache entry (status ok or fallback), with the named feature
+    channels (default: all cached ones).
 
     require_all: every table row must have one (prediction): otherwise an error naming the rows."""
     m = C.read_manifest(cdir, split)
@@ -71,10 +84,11 @@ def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all:
     if not usable.all():
         log.warning("%s: %d clip(s) not usable (failed or pending) are left out of training", split, (~usable).sum())
     m = m[usable].reset_index(drop=True)
+    keep = channel_index(list(C.read_meta(cdir)["channels"]), channels)
     feats, times, apex = [], [], []
     for f in m["file"]:
         z = C.load_clip(cdir / f)
-        feats.append(z["features"].astype(np.float32))
+        feats.append(z["features"][..., keep].astype(np.float32))
         times.append(z["times_ms"].astype(np.float32))
         key = "apex_map_annotated" if apex_source == "annotated" and "apex_map_annotated" in z else "apex_map"
         apex.append(z[key].astype(np.float32))
@@ -324,7 +338,7 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
         model.load_state_dict(best[1])
     pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
     _save_atomic({"model": model.state_dict(), "model_name": cfg["model"]["name"],
-                  "model_settings": cfg["model"][cfg["model"]["name"]], "n_rois": r, "n_channels": c,
+                  "model_settings": cfg["model"][cfg["model"]["name"]], "n_rois": r, "n_channels": c, "channels": list(meta["channels"]),
                   "classes": meta["classes"], "norm_scale": norm.scale, "fold": fold, "seed": seed,
                   "apex_source": cfg["model"]["apex_source"], "config_hash": stable_hash(cfg)}, out / "model.pt")
     logits = predict_logits(model, oof_set, norm, device)
@@ -393,7 +407,8 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
     meta = C.read_meta(cdir)
     cfg = dict(cfg, preprocess=C.read_cache_config(cdir)["preprocess"])  # what made the tensors
     run_dir = Path(cfg["train"]["run_dir"]) / name
-    clips = load_clips(cdir, "train", cfg["model"]["apex_source"])
+    channels = list(cfg["model"]["channels"] or meta["channels"])
+    clips = load_clips(cdir, "train", cfg["model"]["apex_source"], channels=channels)
     if len(clips) == 0 or (clips.labels < 0).all():
         raise UserError(f"no labelled train clips in {cdir}")
     folds = load_or_make_folds(run_dir, clips, cfg)
@@ -410,7 +425,7 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
     seeds = list(seeds if seeds is not None else cfg["train"]["seeds"])
     _check_same_settings(run_dir, cfg)
     save_config(cfg, run_dir / "config.yaml", cache=str(cdir))
-    info = {"cache": str(Path(cdir).resolve()), "classes": meta["classes"], "rois": meta["rois"], "channels": meta["channels"]}
+    info = {"cache": str(Path(cdir).resolve()), "classes": meta["classes"], "rois": meta["rois"], "channels": channels}
     (run_dir / "run.json").write_text(json.dumps({**info, "dataset": meta.get("dataset"), "root": meta.get("root"),
                                                   "model": cfg["model"]["name"]}, indent=1))
     pairs = [(f, s) for f in todo_folds for s in seeds]

@@ -281,3 +281,101 @@ def test_class_imbalance_and_ids():
     assert 1.6 < skewed.max() / skewed.min() < 2.5
     for split in ("train", "test_A", "test_B"):  # every class present in every split by default
         assert {s.emotion for s in plan_dataset(SynthConfig()) if s.split == split} == set(EMOTIONS)
+
+
+# ----------------------------------------------------------------------------- dfme difficulty
+
+DFME_TINY = ["--difficulty", "dfme", "--subjects", "4", "--clips-per-subject", "3", "--split-subjects", "2", "1", "1",
+             "--width", "320", "--height", "240", "--me-ms", "250", "300", "--neutral-ms", "40", "60",
+             "--fps", "200", "--seed", "3", "--workers", "1", "--no-progress"]
+
+
+def test_dfme_preset_through_the_cli(tmp_path):
+    """Every source of difficulty is recorded in the truth, options override the preset."""
+    out = tmp_path / "DFME_hard"
+    assert synth.main(["--out", str(out), *DFME_TINY, "--label-noise", "0.5"]) == 0
+    truth = tmp_path / "DFME_hard.truth"
+    cfg = yaml.safe_load((truth / "synth_config.yaml").read_text())["config"]
+    assert cfg["difficulty"] == "dfme" and cfg["au_mapping"] == "overlapping" and cfg["label_noise"] == 0.5
+    assert cfg["photos"] == ["astronaut", "grace_hopper"] and cfg["out_of_plane_deg"] == 1.0
+    t = pd.concat([pd.read_csv(truth / f"{s}.csv") for s in ("train", "test_A", "test_B")])
+    assert set(t.Photo) == {"astronaut", "grace_hopper"}
+    noisy = t[t.LabelNoise == 1]
+    assert len(noisy) >= 2 and (noisy.Emotion != noisy.ShownEmotion).all()
+    assert (t[t.LabelNoise == 0].Emotion == t[t.LabelNoise == 0].ShownEmotion).all()
+    assert t.PeakAmplitudeCropPx.between(0.2, 1.5).all()
+    train = pd.read_excel(out / "train.xlsx")
+    assert list(train.Emotion) == list(t[t.Filename.isin(train.Filename)].Emotion)  # the recorded label
+    z = np.load(truth / "curves" / f"{t.Filename.iloc[0]}.npz")
+    assert z["head"].shape[1] == 6 and np.abs(z["head"][:, 4:]).max() > 0  # yaw and pitch move
+
+
+def test_overlapping_au_mapping_is_ambiguous_like_real_tables():
+    from mer.synth.aus import OVERLAPPING_PATTERNS, draw_aus
+
+    owners: dict[int, set] = {}
+    for emo, patterns in OVERLAPPING_PATTERNS.items():
+        for p, _ in patterns:
+            for tok in p.split("+"):
+                owners.setdefault(int(tok.lstrip("*")), set()).add(emo)
+    main = [a for a in owners if sum(w for e in OVERLAPPING_PATTERNS for p, w in OVERLAPPING_PATTERNS[e]
+                                     if str(a) in p.replace("*", "").split("+")) > 0.15]
+    assert all(len(owners[a]) >= 2 for a in main), "no frequent AU may belong to one class only"
+    assert {"anger", "disgust", "fear", "sadness"} <= owners[4] and {"surprise", "fear"} <= owners[1] & owners[2]
+    rng = np.random.default_rng(0)
+    draws = [draw_aus(e, "overlapping", rng) for e in EMOTIONS for _ in range(300)]
+    single = np.mean([len(a) == 1 for a, _ in draws])
+    assert 0.55 < single < 0.8  # CAS(ME)^3 78%, CASME II 61%, SAMM 66%
+    contempt = [s for a, s in draws[EMOTIONS.index("contempt") * 300:][:300]]
+    assert np.mean([any(x != 0 for x in s) for s in contempt]) > 0.5  # mostly one-sided
+
+
+def test_label_noise_share_and_class_mix():
+    cfg = SynthConfig.preset("dfme", subjects=40, clips_per_subject=25, split_subjects=(40, 0, 0))
+    specs = plan_dataset(cfg)
+    flipped = np.mean([s.label is not None for s in specs])
+    assert 0.07 < flipped < 0.13
+    counts = pd.Series([s.emotion for s in specs]).value_counts()
+    assert counts.idxmax() == "disgust" and counts.idxmin() == "contempt" and 3.5 < counts.max() / counts.min() < 5
+    assert all(s.recorded != s.emotion for s in specs if s.label is not None)
+
+
+def test_out_of_plane_turn_moves_the_nose_more_than_the_cheeks():
+    """Depth parallax: a yaw moves the nose tip more than the face's edge, unlike any 2-D similarity."""
+    from mer.synth.camera import Scene
+
+    cfg = SynthConfig(subjects=1, split_subjects=(1, 0, 0), noise=0.0, blink_prob=0.0, out_of_plane_deg=1.0)
+    scene = Scene(single_clip_spec(cfg, "happiness", aus=[12]), cfg)
+    still = scene.render_clean(np.zeros(1), 0.0, np.zeros(6))
+    turned = scene.render_clean(np.zeros(1), 0.0, np.array([0, 0, 0, 0, 1.0, 0]))  # 1 deg of yaw
+    g0, g1 = (cv2.cvtColor(np.clip(f, 0, 255).astype(np.uint8), cv2.COLOR_BGR2GRAY) for f in (still, turned))
+    flow = cv2.calcOpticalFlowFarneback(g0, g1, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+    lm = scene.landmarks
+
+    def dx(i):
+        x, y = np.round(lm[i]).astype(int)
+        return float(np.median(flow[y - 3:y + 4, x - 3:x + 4, 0]))
+
+    nose, cheeks = dx(30), np.mean([dx(2), dx(14)])
+    assert nose > 0.8 and nose > 2 * abs(cheeks)
+
+
+def test_rendered_frames_equal_the_png_files(tmp_path):
+    """The benchmark's in-memory frames give bit-identical features to the written PNG files."""
+    from mer.config import load_config
+    from mer.preprocessing import Clip, Extractor
+    from mer.synth.stream import RenderedFrames, png_grey
+
+    cfg = SynthConfig.preset("dfme", subjects=2, split_subjects=(2, 0, 0), width=480, height=360,
+                             me_ms=(250.0, 260.0), neutral_ms=(40.0, 50.0))
+    spec = plan_dataset(cfg)[1]
+    folder = tmp_path / spec.filename
+    synth.write_clip(spec, cfg, folder)
+    frame = next(iter_frames(spec, cfg))
+    assert np.array_equal(png_grey(frame), cv2.imread(str(folder / "00001.png"), cv2.IMREAD_GRAYSCALE))
+    ex = Extractor(load_config())
+    clip = Clip("train", spec.filename, str(folder), float(spec.fps))
+    source = RenderedFrames(spec, cfg)
+    a, b = ex.process(clip), ex.process(clip, frames=source)
+    np.testing.assert_array_equal(a["features"], b["features"])
+    assert source.rendered == int(a["frames_read"]) < len(source)  # only the frames on the time grid

@@ -1,0 +1,84 @@
+"""The ablation benchmark: its scoring (fast UF1, paired bootstrap, nested combination) and an
+end-to-end run on a tiny streamed set, with resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mer.ablation import _uf1, bootstrap_ci, bootstrap_diff, combine_nested, select_rows
+from mer.metrics import scores
+
+
+def test_fast_uf1_equals_the_metrics_module():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, k = int(rng.integers(1, 40)), 7
+        y = rng.integers(0, rng.integers(1, k + 1), n)
+        p = rng.integers(0, rng.integers(1, k + 1), n)
+        assert _uf1(y, p, k) == pytest.approx(scores(y, p, k)["uf1"], abs=1e-12)
+
+
+def test_bootstrap_of_identical_predictions_is_zero_and_of_better_ones_positive():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, 300)
+    noisy = np.where(rng.random(300) < 0.5, y, rng.integers(0, 4, 300))
+    better = np.where(rng.random(300) < 0.8, y, rng.integers(0, 4, 300))
+    assert bootstrap_diff(y, noisy, noisy, 4, 200) == (0.0, 0.0, 0.0)
+    d, lo, hi = bootstrap_diff(y, better, noisy, 4, 500)
+    assert d == pytest.approx(_uf1(y, better, 4) - _uf1(y, noisy, 4)) and 0 < lo < d < hi
+    lo, hi = bootstrap_ci(y, noisy, 4, 500)
+    assert lo < _uf1(y, noisy, 4) < hi and hi - lo < 0.2
+
+
+def test_nested_combination_never_looks_at_the_scored_fold():
+    """A planted leak: relabel one fold (all class 0); that fold's combined scores must not change,
+    while the other folds' do (their weights and biases were tuned on it)."""
+    rng = np.random.default_rng(2)
+    n, k = 400, 5
+    y = rng.integers(0, k, n)
+    folds = np.repeat(np.arange(5), n // 5)
+    a = rng.dirichlet(np.ones(k), n) + 0.8 * np.eye(k)[y]
+    b = rng.dirichlet(np.ones(k), n) + 0.3 * np.eye(k)[y]
+    a, b = a / a.sum(1, keepdims=True), b / b.sum(1, keepdims=True)
+    out = combine_nested([a, b], y, folds, "nested", True)
+    y2 = y.copy()
+    y2[folds == 0] = 0
+    out2 = combine_nested([a, b], y2, folds, "nested", True)
+    np.testing.assert_array_equal(out[folds == 0], out2[folds == 0])
+    assert not np.array_equal(out[folds != 0], out2[folds != 0])
+
+
+def test_rows_bring_what_they_need():
+    names = [r.name for r in select_rows(["ens_apex_nested"])]
+    assert names == ["default", "apex_cnn", "ens_apex_nested"]
+    with pytest.raises(ValueError, match="unknown row"):
+        select_rows(["no_such_row"])
+
+
+def test_ablation_end_to_end_streams_trains_scores_and_resumes(tmp_path, capsys):
+    from mer.bench import main
+
+    args = ["ablate", "--work", str(tmp_path / "abl"), "--clips", "21", "--subjects", "7",
+            "--rows", "channels_uv", "seeds_1", "--seeds", "0", "1", "--workers", "1", "--jobs", "1",
+            "--bootstrap", "50", "--synth-set", "width=320", "--synth-set", "height=240",
+            "--synth-set", "me_ms=[250,300]", "--synth-set", "neutral_ms=[40,60]", "--synth-set", "fps=[200]",
+            "--set", "train.epochs=2", "--set", "train.min_steps=1", "--set", "train.folds=3", "--set", "model.sequence.depth=1",
+            "--set", "model.sequence.dim=16", "--set", "model.sequence.heads=2"]
+    main(args)
+    table = capsys.readouterr().out
+    assert "| default |" in table and "| channels_uv |" in table and "| seeds_1 |" in table
+    result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    rows = {r["row"]: r for r in result["table"]}
+    assert result["n_clips"] == 21 and result["seeds"] == [0, 1]
+    assert rows["default"]["seeds"] == 2 and 0 <= rows["default"]["uf1_ens"] <= 1
+    assert rows["channels_uv"]["d_lo"] <= rows["channels_uv"]["d_uf1"] <= rows["channels_uv"]["d_hi"]
+    assert 0 < result["au_ceiling_uf1"] <= 1
+    caches = list((tmp_path / "abl" / "cache").glob("*/*/train/clips"))
+    assert len(caches) == 1 and len(list(caches[0].glob("*.npz"))) == 21  # one cache: rows differ in training only
+    models = sorted((tmp_path / "abl" / "runs").glob("*/fold*/seed*/model.pt"))
+    assert len(models) == 2 * 3 * 2  # 2 trained rows x 3 folds x 2 seeds
+    stamps = {p: p.stat().st_mtime_ns for p in models}
+    main(args)  # resume: nothing is recomputed, the same table comes out
+    assert capsys.readouterr().out.splitlines()[1:] == table.splitlines()[1:]  # the header holds timings
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
