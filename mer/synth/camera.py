@@ -64,7 +64,12 @@ def background(config: SynthConfig, subj: dict) -> np.ndarray:
 
 
 class Scene:
-    """Pre-rendered parts of one clip: background, warped subject template, fields, placement."""
+    """Pre-rendered parts of one clip: background, the subject as seen at rest, fields, placement.
+
+    Scene coordinates are frame pixels with the head at rest (frame 1): the subject's photo is
+    morphed, mirrored, scaled, rolled and placed once, so that a frame only undoes the small in-clip
+    head motion, p0 = R(-roll) (p - c - drift) / (1 + zoom) + c, then the face's displacement fields
+    (AUs, blinks, depth parallax), and samples the pre-rendered subject: a near-identity map."""
 
     def __init__(self, spec: ClipSpec, config: SynthConfig) -> None:
         self.spec, self.config = spec, config
@@ -72,83 +77,69 @@ class Scene:
         subj = d["subject"]
         W, H = config.width, config.height
         photo = load_photo(subj["photo"])
-        Lt, morph, S = face_template(subj)
-        origin = photo.landmarks.mean(0)  # template coords: the photo's face centre at 0,0
-        mirror = subj["mirror"]
-        self.ff = FaceFrame(Lt)
-        self.lm_template = Lt
-        c_t = Lt.mean(0)
-
-        # placement: frame = (1 + zoom) R(theta) (q - c_t) + c_f + drift
+        Lt, morph, S = face_template(subj)  # template coords: the photo's face centre at 0,0
+        origin = photo.landmarks.mean(0)
         cx, cy = subj["centre"]
         pl = d["place"]
-        self.c_t = c_t
+        self.c_t = Lt.mean(0)
         self.c_f = np.array([(cx + pl["dx"]) * W, (cy + pl["dy"]) * H])
         self.theta0 = subj["roll_deg"] + pl["droll"]
+        self.landmarks = self._rest(Lt)  # frame 1
+        ff = self.ff = FaceFrame(self.landmarks)
 
-        # template region that can reach the frame (frame corners pulled back, plus margins)
         hd = d["head"]
         margin = 12 + 1.5 * (np.hypot(*hd["drift"]) + 2 * hd["wobble"][0]
                              + np.deg2rad(abs(hd["rot"]) + 2 * hd["rot_wobble"][0]) * np.hypot(W, H)
                              + abs(hd["zoom"]) * np.hypot(W, H))
-        corners = np.array([[0, 0], [W, 0], [0, H], [W, H]], np.float64)
-        qc = self._to_template(corners, 0.0, 0.0, self.theta0, 0.0)
+        # the subject's cut-out at rest, in frame pixels (plus the margin the motion can reach)
         bx0, by0, bx1, by1 = photo.box
-        poly = (np.array([[bx0, by0], [bx1, by0], [bx0, by1], [bx1, by1]]) - origin) * S
-        if mirror:
-            poly = poly * np.array([-1.0, 1.0])
-        tx0 = int(np.floor(max(qc[:, 0].min(), poly[:, 0].min()) - margin))
-        tx1 = int(np.ceil(min(qc[:, 0].max(), poly[:, 0].max()) + margin))
-        ty0 = int(np.floor(max(qc[:, 1].min(), poly[:, 1].min()) - margin))
-        ty1 = int(np.ceil(min(qc[:, 1].max(), poly[:, 1].max()) + margin))
-        self.t_off = np.array([tx0, ty0], np.float32)
-        tw, th = tx1 - tx0, ty1 - ty0
+        corners = (np.array([[bx0, by0], [bx1, by0], [bx0, by1], [bx1, by1]]) - origin) * S
+        if subj["mirror"]:
+            corners = corners * np.array([-1.0, 1.0])
+        rest = self._rest(corners)
+        x0, y0 = np.maximum(np.floor(rest.min(0) - margin), [-margin, -margin]).astype(int)
+        x1, y1 = np.minimum(np.ceil(rest.max(0) + margin), [W + margin, H + margin]).astype(int)
+        self.s_off = np.array([x0, y0], np.float32)
+        sw, sh = x1 - x0, y1 - y0
 
-        # backward map template -> photo: u = q - morph(q); unmirror; photo = u / S + origin
+        # backward map scene -> template -> photo: q = rest^-1(p0); u = q - morph(q); unmirror; scale
+        px, py = np.meshgrid(np.arange(sw, dtype=np.float32) + x0, np.arange(sh, dtype=np.float32) + y0)
+        c, si = np.cos(np.deg2rad(self.theta0)), np.sin(np.deg2rad(self.theta0))
+        qx = (c * (px - self.c_f[0]) + si * (py - self.c_f[1]) + self.c_t[0]).astype(np.float32)
+        qy = (-si * (px - self.c_f[0]) + c * (py - self.c_f[1]) + self.c_t[1]).astype(np.float32)
+        tx0, ty0 = int(np.floor(qx.min())) - 2, int(np.floor(qy.min())) - 2
+        tw, th = int(np.ceil(qx.max())) + 3 - tx0, int(np.ceil(qy.max())) + 3 - ty0
         D = blobs_grid(morph, tx0, ty0, tw, th)
-        gx, gy = np.meshgrid(np.arange(tw, dtype=np.float32) + tx0, np.arange(th, dtype=np.float32) + ty0)
-        ux = gx - D[..., 0]
-        uy = gy - D[..., 1]
-        if mirror:
+        dq = [cv2.remap(np.ascontiguousarray(D[..., k]), qx - tx0, qy - ty0, cv2.INTER_LINEAR) for k in (0, 1)]
+        ux, uy = qx - dq[0], qy - dq[1]
+        if subj["mirror"]:
             ux = -ux
-        mapx = (ux / S + origin[0]).astype(np.float32)
-        mapy = (uy / S + origin[1]).astype(np.float32)
-        tpl = cv2.remap(photo.rgba, mapx, mapy, cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT,
-                        borderValue=(0, 0, 0, 0))
+        tpl = cv2.remap(photo.rgba, (ux / S + origin[0]).astype(np.float32), (uy / S + origin[1]).astype(np.float32),
+                        cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
         alpha = np.clip(tpl[..., 3:4], 0, 1)
         col = np.clip(tpl[..., :3], 0, 255) / 255.0
         col = col ** subj["gamma"] * 255.0 * subj["skin_gain"][None, None, :]
         # illumination gradient (light fixed in frame coordinates) and white balance
-        co, si = np.cos(np.deg2rad(self.theta0)), np.sin(np.deg2rad(self.theta0))
-        fx = co * (gx - c_t[0]) - si * (gy - c_t[1]) + self.c_f[0]
-        fy = si * (gx - c_t[0]) + co * (gy - c_t[1]) + self.c_f[1]
-        col *= (self._light(fx, fy) * pl["bright"])[..., None] * subj["wb_gain"][None, None, :]
+        col *= (self._light(px, py) * pl["bright"])[..., None] * subj["wb_gain"][None, None, :]
         # colours (not premultiplied) and alpha in one 4-channel image: one remap per frame
         self.template = np.ascontiguousarray(np.dstack([col, alpha]), dtype=np.float32)
 
         bg = background(config, subj)
         X, Y = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
-        wb = subj["wb_gain"][None, None, :].astype(np.float32)
-        bg *= (self._light(X, Y) * pl["bright"])[..., None] * wb
+        bg *= (self._light(X, Y) * pl["bright"])[..., None] * subj["wb_gain"][None, None, :].astype(np.float32)
         self.bg = bg.astype(np.float32)
 
-        # person bounding box in the frame (for per-frame work)
-        ys, xs = np.nonzero(self.template[..., 3] > 1e-3)
-        pts = np.array([[xs.min(), ys.min()], [xs.max(), ys.min()], [xs.min(), ys.max()],
-                        [xs.max(), ys.max()]], np.float64) + self.t_off
-        pf = self._to_frame(pts, 0, 0, self.theta0, 0.0)
-        bx0, by0 = np.floor(pf.min(0) - margin).astype(int)
-        bx1, by1 = np.ceil(pf.max(0) + margin).astype(int)
-        self.box = (max(bx0, 0), max(by0, 0), min(bx1, W), min(by1, H))
-        x0, y0, x1, y1 = self.box
-        self.bg_box = np.ascontiguousarray(self.bg[y0:y1, x0:x1])
-        self.bX, self.bY = np.meshgrid(np.arange(x0, x1, dtype=np.float32),
-                                       np.arange(y0, y1, dtype=np.float32))
+        # frame box (per-frame work) around the subject
+        ys, xs = np.nonzero(alpha[..., 0] > 1e-3)
+        self.box = (max(int(xs.min() + x0 - margin), 0), max(int(ys.min() + y0 - margin), 0),
+                    min(int(xs.max() + x0 + margin) + 1, W), min(int(ys.max() + y0 + margin) + 1, H))
+        bx0, by0, bx1, by1 = self.box
+        self.bg_box = np.ascontiguousarray(self.bg[by0:by1, bx0:bx1])
+        self.bX, self.bY = np.meshgrid(np.arange(bx0, bx1, dtype=np.float32), np.arange(by0, by1, dtype=np.float32))
 
-        # AU, blink and pose displacement fields on a grid around the face (template coords)
-        ff = self.ff
+        # AU, blink and pose displacement fields on a grid around the face (scene coords)
         iod = ff.iod
-        lo, hi = Lt.min(0), Lt.max(0)
+        lo, hi = self.landmarks.min(0), self.landmarks.max(0)
         gx0, gy0 = int(np.floor(lo[0] - 0.8 * iod)), int(np.floor(lo[1] - 0.9 * iod))
         gx1, gy1 = int(np.ceil(hi[0] + 0.8 * iod)), int(np.ceil(hi[1] + 0.8 * iod))
         turns = abs(hd["yaw"]) + abs(hd["pitch"]) + abs(hd["turn_wobble"][0]) > 0
@@ -157,27 +148,23 @@ class Scene:
             gy0 = int(np.floor(min(gy0, lo[1] - 1.2 * iod - 0.6 * ff.width)))
         self.g_off = np.array([gx0, gy0], np.float32)
         gw, gh = gx1 - gx0, gy1 - gy0
-        amp_frame = np.asarray(d["amp_crop"]) * crop_px_to_frame(Lt)
-        self.amp_frame = amp_frame
+        self.amp_frame = np.asarray(d["amp_crop"]) * crop_px_to_frame(self.landmarks)
         gain = subj["style"]["side_gain"]
-        self.au_fields = [blobs_grid(side_gains(ff, au_blobs(a, s, ff, amp), gain), gx0, gy0, gw, gh)
-                          for a, s, amp in zip(d["aus"], d["sides"], amp_frame)]
-        self.blink_field = blobs_grid(blink_blobs(ff), gx0, gy0, gw, gh) if d["blinks"] else None
+
+        def planes(field_: np.ndarray) -> np.ndarray:  # (h, w, 2) -> (2, h, w)
+            return np.ascontiguousarray(np.moveaxis(field_, -1, 0))
+
+        self.au_fields = [planes(blobs_grid(side_gains(ff, au_blobs(a, s, ff, amp), gain), gx0, gy0, gw, gh))
+                          for a, s, amp in zip(d["aus"], d["sides"], self.amp_frame)]
+        self.blink_field = planes(blobs_grid(blink_blobs(ff), gx0, gy0, gw, gh)) if d["blinks"] else None
         self.pose_fields = None
         if turns:  # 1 deg of yaw (pitch) moves each point by depth x 1 deg along the face's x (y) axis
             z = head_depth(ff, gx0, gy0, gw, gh) * np.float32(np.deg2rad(1.0))
-            self.pose_fields = (np.dstack([z * ff.ex[0], z * ff.ex[1]]).astype(np.float32),
-                                np.dstack([z * ff.ey[0], z * ff.ey[1]]).astype(np.float32))
+            self.pose_fields = (np.stack([z * ff.ex[0], z * ff.ex[1]]).astype(np.float32),
+                                np.stack([z * ff.ey[0], z * ff.ey[1]]).astype(np.float32))
         # frame sub-box (inside self.box) whose pixels can map onto the face grid
-        gc = np.array([[gx0, gy0], [gx1, gy0], [gx0, gy1], [gx1, gy1]], np.float64)
-        fc = self._to_frame(gc, 0, 0, self.theta0, 0.0)
-        sx0 = int(np.clip(np.floor(fc[:, 0].min() - margin), x0, x1)) - x0
-        sx1 = int(np.clip(np.ceil(fc[:, 0].max() + margin), x0, x1)) - x0
-        sy0 = int(np.clip(np.floor(fc[:, 1].min() - margin), y0, y1)) - y0
-        sy1 = int(np.clip(np.ceil(fc[:, 1].max() + margin), y0, y1)) - y0
-        self.face_sub = (slice(sy0, sy1), slice(sx0, sx1))
-
-        self.landmarks = self._to_frame(Lt, 0.0, 0.0, self.theta0, 0.0)
+        self.face_sub = (slice(int(np.clip(gy0 - margin, by0, by1)) - by0, int(np.clip(gy0 + gh + margin, by0, by1)) - by0),
+                         slice(int(np.clip(gx0 - margin, bx0, bx1)) - bx0, int(np.clip(gx0 + gw + margin, bx0, bx1)) - bx0))
 
     # -- geometry -----------------------------------------------------------------------------
     def _light(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
@@ -187,50 +174,46 @@ class Scene:
         u = ((X - W / 2) * np.cos(a) + (Y - self.config.height / 2) * np.sin(a)) / W
         return (1 + subj["light_strength"] * u).astype(np.float32)
 
-    def _to_frame(self, q: np.ndarray, dx: float, dy: float, theta_deg: float, zoom: float) -> np.ndarray:
-        c, s = np.cos(np.deg2rad(theta_deg)), np.sin(np.deg2rad(theta_deg))
-        v = (q - self.c_t) * (1 + zoom)
-        return np.stack([c * v[:, 0] - s * v[:, 1], s * v[:, 0] + c * v[:, 1]], 1) + self.c_f + [dx, dy]
-
-    def _to_template(self, p: np.ndarray, dx: float, dy: float, theta_deg: float, zoom: float) -> np.ndarray:
-        c, s = np.cos(np.deg2rad(theta_deg)), np.sin(np.deg2rad(theta_deg))
-        v = (p - self.c_f - [dx, dy]) / (1 + zoom)
-        return np.stack([c * v[:, 0] + s * v[:, 1], -s * v[:, 0] + c * v[:, 1]], 1) + self.c_t
+    def _rest(self, q: np.ndarray) -> np.ndarray:
+        """Template coordinates -> frame pixels with the head at rest (the subject's roll, placed)."""
+        c, s = np.cos(np.deg2rad(self.theta0)), np.sin(np.deg2rad(self.theta0))
+        v = q - self.c_t
+        return np.stack([c * v[:, 0] - s * v[:, 1], s * v[:, 0] + c * v[:, 1]], 1) + self.c_f
 
     # -- rendering ----------------------------------------------------------------------------
     def render_clean(self, au: np.ndarray, blink: float, head: np.ndarray) -> np.ndarray:
         """One noiseless float32 BGR frame for given AU activations, blink closure and head pose
         (HEAD_COLUMNS)."""
         dx, dy, rot, zoom, yaw, pitch = (float(v) for v in head)
-        th = np.deg2rad(self.theta0 + rot)
+        th = np.deg2rad(rot)
         c, s = float(np.cos(th)), float(np.sin(th))
         k = 1.0 / (1.0 + zoom)
         ex, ey = self.c_f[0] + dx, self.c_f[1] + dy
-        # inverse placement q = R(-theta) (p - c_f - drift) / (1 + zoom) + c_t, in template-array pixels
-        qx = cv2.addWeighted(self.bX, c * k, self.bY, s * k, self.c_t[0] - k * (c * ex + s * ey) - self.t_off[0])
-        qy = cv2.addWeighted(self.bX, -s * k, self.bY, c * k, self.c_t[1] + k * (s * ex - c * ey) - self.t_off[1])
+        # p0 = R(-rot) (p - c_f - drift) / (1 + zoom) + c_f, in template-array pixels
+        qx = cv2.addWeighted(self.bX, c * k, self.bY, s * k, self.c_f[0] - k * (c * ex + s * ey) - self.s_off[0])
+        qy = cv2.addWeighted(self.bX, -s * k, self.bY, c * k, self.c_f[1] + k * (s * ex - c * ey) - self.s_off[1])
         fields = [(float(a), f) for a, f in zip(au, self.au_fields) if a > 1e-4]
         if self.blink_field is not None and blink > 1e-4:
             fields.append((float(blink), self.blink_field))
         if self.pose_fields is not None:
             fields += [(w, f) for w, f in zip((yaw, pitch), self.pose_fields) if abs(w) > 1e-6]
         if fields:
-            Fs = fields[0][1] * np.float32(fields[0][0])
+            Fs = fields[0][1] * np.float32(fields[0][0])  # (2, h, w): x and y displacement planes
             for a, f in fields[1:]:
-                cv2.scaleAdd(f, a, Fs, dst=Fs)
+                Fs += np.float32(a) * f
             sub = self.face_sub
             sx, sy = qx[sub], qy[sub]
-            go = self.g_off - self.t_off
-            Dq = cv2.remap(Fs, sx - go[0], sy - go[1], cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
-            sx -= Dq[..., 0]
-            sy -= Dq[..., 1]
+            go = self.g_off - self.s_off
+            mx, my = sx - go[0], sy - go[1]
+            for plane, coord in ((Fs[0], sx), (Fs[1], sy)):  # one plane at a time: 2-channel remap is slow
+                coord -= cv2.remap(plane, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         fga = cv2.remap(self.template, qx, qy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                         borderValue=(0, 0, 0, 0))
-        a = np.ascontiguousarray(fga[..., 3])
+        a = cv2.extractChannel(fga, 3)
         frame = self.bg.copy()
         x0, y0, x1, y1 = self.box
-        frame[y0:y1, x0:x1] = cv2.blendLinear(np.ascontiguousarray(fga[..., :3]), self.bg_box, a, cv2.subtract(1.0, a))
+        frame[y0:y1, x0:x1] = cv2.blendLinear(cv2.cvtColor(fga, cv2.COLOR_BGRA2BGR), self.bg_box, a,
+                                              cv2.subtract(1.0, a))
         return frame
 
 
