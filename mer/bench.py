@@ -26,18 +26,22 @@ from .config import load_config
 log = logging.getLogger("mer.bench")
 
 
-def _dataset(path: Path | None, clips: int, seed: int, workers: int) -> Path:
-    """A generated benchmark set (reused if it exists)."""
+def _dataset(path: Path | None, clips: int, seed: int, workers: int, width: int = 640, height: int = 480,
+             frame_format: str = "png") -> Path:
+    """A generated benchmark set (easy preset; reused if it exists)."""
     from .synth import SynthConfig, generate
 
-    out = path or Path(tempfile.gettempdir()) / f"mer_bench_{clips}_{seed}"
+    name = f"mer_bench_{clips}_{seed}" + ("" if (width, height, frame_format) == (640, 480, "png")
+                                          else f"_{width}x{height}_{frame_format}")
+    out = path or Path(tempfile.gettempdir()) / name
     if (out / "train.xlsx").is_file():
         log.info("reusing generated set %s", out)
         return out
     subjects = max(6, clips // 5)
     n_test = max(1, subjects // 5)
     cfg = SynthConfig(subjects=subjects, clips_per_subject=max(1, round(clips / subjects)), seed=seed,
-                      split_subjects=(subjects - 2 * n_test, n_test, n_test))
+                      split_subjects=(subjects - 2 * n_test, n_test, n_test), width=width, height=height,
+                      frame_format=frame_format)
     generate(out, cfg, workers=workers, progress=True)
     return out
 
@@ -99,59 +103,96 @@ def reference_features(clip, cfg: dict, extractor) -> np.ndarray:
     return np.stack(feats) * unit
 
 
+def _floors(ex, clip, res: dict, cfg: dict) -> tuple[float, float]:
+    """CPU seconds to decode the frames a clip's preprocessing read, the way it reads them (JPEG
+    reduced when the crop shrinks the face 2x or more), and of one flow call per frame read."""
+    from .face import Cropper
+    from .frames import FolderFrames
+    from .flow import make_flow
+
+    p = cfg["preprocess"]
+    frames = FolderFrames.of(clip.frames_dir)
+    first = frames.read(0)
+    crop = Cropper(res["crop_matrix"], p["flow_size"], first.shape)
+    wanted = set(int(n) for n in res["frame_numbers"])
+    t0 = time.process_time()
+    imgs = [frames.read(i, crop.factor) for i, n in enumerate(frames.numbers) if int(n) in wanted]
+    decode = (time.process_time() - t0) / max(len(imgs), 1) * float(res["frames_read"])
+    crops = [crop(img, first.shape) for img in imgs[:: max(1, len(imgs) // 8)]]
+    flow = make_flow(p["flow"], p["dis_preset"])
+    t0 = time.process_time()
+    for c in crops[1:]:
+        flow(crops[0], c)
+    per_call = (time.process_time() - t0) / max(len(crops) - 1, 1)
+    return decode, per_call * float(res["frames_read"])
+
+
 def bench_preprocess(args: argparse.Namespace) -> None:
-    from .data import frame_number, list_frames, load_dataset, resolve_issues
+    """CPU per frame read against the floor of decoding those frames and one flow call each, on
+    640x480 and 1024x768 frames as PNG and JPEG; CPU per clip and feature quality against a
+    reference pipeline; peak memory."""
+    from .data import load_dataset, resolve_issues
     from .preprocessing import Extractor, clips_of
 
     cv2.setNumThreads(1)
     cfg = load_config(args.config, args.set)
-    root = _dataset(args.data, args.clips, args.seed, args.workers)
-    ds = resolve_issues(load_dataset(root, cfg))
-    clips = clips_of(ds, ds.splits, cfg["data"]["image_exts"])[: args.limit]
-    truth = _truth_labels(root, ds)
+    p = cfg["preprocess"]
+    print(f"preprocess benchmark: flow={p['flow']} ({p['dis_preset']}) at {p['flow_size']} px, grid {p['grid_ms']:g} ms, "
+          f"head motion {p['head_motion']}; generated clips (easy preset), {args.limit} per frame kind")
     ex = Extractor(cfg)
     ex.landmarker  # model loading is once per worker, not per clip: keep it out of the timings
-    rows, ours, theirs = [], [], []
+    probe_root, biggest = None, (0, None)
+    for kind in args.frames:
+        size, fmt = kind.split(":")
+        w, h = (int(v) for v in size.split("x"))
+        root = _dataset(args.data if kind == args.frames[0] else None, args.clips if kind == args.frames[0]
+                        else args.limit, args.seed, args.workers, w, h, fmt)
+        probe_root = probe_root or root
+        biggest = max(biggest, (w * h, root), key=lambda b: b[0])
+        ds = resolve_issues(load_dataset(root, cfg))
+        clips = clips_of(ds, ds.splits, cfg["data"]["image_exts"])[: args.limit]
+        cpu = decode = flow = 0.0
+        read = 0
+        for clip in clips:
+            t0 = time.process_time()
+            res = ex.process(clip)
+            cpu += time.process_time() - t0
+            d, f = _floors(ex, clip, res, cfg)
+            decode, flow, read = decode + d, flow + f, read + int(res["frames_read"])
+        per, dec, fl = (1000 * v / read for v in (cpu, decode, flow))
+        line = (f"  {kind:13s} CPU per frame read {per:6.2f} ms; decode {dec:5.2f} ms + one flow call {fl:5.2f} ms "
+                f"-> {per / (dec + fl):.2f}x decode+flow (target <= 1.25)")
+        if fmt == "png":
+            line += f", {per / dec:.2f}x decode (target <= 1.5)"
+        print(line + f"; {read / len(clips):.0f} frames read per clip", flush=True)
+    if not args.skip_reference:
+        _reference_comparison(probe_root, cfg, ex, args)
+    print(f"  peak memory of one worker on a 500-frame clip: {_peak_memory(biggest[1], args):.0f} MB (target < 1024 MB)")
+
+
+def _reference_comparison(root: Path, cfg: dict, ex, args: argparse.Namespace) -> None:
+    """CPU per clip and linear-probe UF1 of our features against the public-code style pipeline."""
+    from .data import load_dataset, resolve_issues
+    from .preprocessing import clips_of
+
+    ds = resolve_issues(load_dataset(root, cfg))
+    clips = clips_of(ds, ds.splits, cfg["data"]["image_exts"])
+    truth = _truth_labels(root, ds)
+    ours, theirs, cpu, cpu_ref = [], [], 0.0, 0.0
     for clip in clips:
         t0 = time.process_time()
-        res = ex.process(clip)
-        cpu = time.process_time() - t0
-        frames = list_frames(clip.frames_dir)
-        read = set(int(n) for n in res["frame_numbers"]) | {int(res["detect_frame"])}
+        ours.append(ex.process(clip)["features"])
+        cpu += time.process_time() - t0
         t0 = time.process_time()
-        for f in frames:
-            if frame_number(f) in read:
-                cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
-        floor = time.process_time() - t0
-        row = {"sample": clip.sample, "fps": clip.fps, "frames": len(frames), "read": int(res["frames_read"]),
-               "cpu": cpu, "decode_floor": floor}
-        ours.append(res["features"])
-        if not args.skip_reference:
-            t0 = time.process_time()
-            f_ref = reference_features(clip, cfg, ex)
-            row["cpu_reference"] = time.process_time() - t0
-            theirs.append(f_ref)
-        rows.append(row)
-    df = pd.DataFrame(rows)
+        theirs.append(reference_features(clip, cfg, ex))
+        cpu_ref += time.process_time() - t0
     labels = np.array([truth[c.sample][0] for c in clips])
     subjects = np.array([truth[c.sample][1] for c in clips])
-    per_frame = df["cpu"].sum() / df["read"].sum() * 1000
-    floor = df["decode_floor"].sum() / df["read"].sum() * 1000
-    p = cfg["preprocess"]
-    print(f"preprocess benchmark: {len(df)} generated clips from {root} "
-          f"({df['frames'].sum()} frames, fps {sorted(set(df['fps'].astype(int)))}); "
-          f"flow={p['flow']} ({p['dis_preset']}) at {p['flow_size']} px, grid {p['grid_ms']:g} ms")
-    print(f"  CPU per frame read: {per_frame:.2f} ms; decoding those frames alone: {floor:.2f} ms "
-          f"-> ratio {per_frame / floor:.2f}x (target <= 1.5x)")
-    print(f"  frames read per clip: {df['read'].mean():.1f} of {df['frames'].mean():.1f}; "
-          f"CPU per clip: {df['cpu'].mean() * 1000:.0f} ms")
-    print(f"  linear-probe UF1 (subject-independent CV) of our features: {probe_uf1(ours, labels, subjects):.3f}")
-    if not args.skip_reference:
-        ratio = df["cpu_reference"].sum() / df["cpu"].sum()
-        print(f"  reference (Farneback, 256 px crop, every frame): CPU per clip "
-              f"{df['cpu_reference'].mean() * 1000:.0f} ms -> ours uses {ratio:.1f}x less CPU (target >= 6x); "
-              f"its linear-probe UF1: {probe_uf1(theirs, labels, subjects):.3f}")
-    print(f"  peak memory of one worker on a 500-frame clip: {_peak_memory(root, ds, args):.0f} MB (target < 1024 MB)")
+    print(f"  {len(clips)} clips of {root.name}: CPU per clip {1000 * cpu / len(clips):.0f} ms vs "
+          f"{1000 * cpu_ref / len(clips):.0f} ms for the reference (Farneback, 256 px crop, every frame): "
+          f"{cpu_ref / cpu:.1f}x less CPU (target >= 6x)")
+    print(f"  linear-probe UF1 (subject-independent CV): ours {probe_uf1(ours, labels, subjects):.3f}, "
+          f"reference {probe_uf1(theirs, labels, subjects):.3f} (target: not lower)")
 
 
 def _truth_labels(root: Path, ds) -> dict[str, tuple[int, str]]:
@@ -165,9 +206,11 @@ def _truth_labels(root: Path, ds) -> dict[str, tuple[int, str]]:
     return truth
 
 
-def _peak_memory(root: Path, ds, args: argparse.Namespace) -> float:
+def _peak_memory(root: Path, args: argparse.Namespace) -> float:
     """Peak RSS of a fresh process preprocessing one 500-frame clip (frames repeated from a real one)."""
-    src = ds.table.iloc[0]
+    from .data import load_dataset
+
+    src = load_dataset(root, load_config(args.config, args.set)).table.iloc[0]
     with tempfile.TemporaryDirectory() as tmp:
         clip_dir = Path(tmp) / "long" / "clip"
         clip_dir.mkdir(parents=True)
@@ -291,7 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="generator (ablate: render+preprocess) processes")
     parser.add_argument("--skip-reference", action="store_true", help="preprocess: skip the Farneback reference")
-    parser.add_argument("--limit", type=int, default=40, help="preprocess: clips to time")
+    parser.add_argument("--limit", type=int, default=30, help="preprocess: clips to time per frame kind")
+    parser.add_argument("--frames", nargs="+", default=["640x480:png", "640x480:jpg", "1024x768:png", "1024x768:jpg"],
+                        help="preprocess: frame kinds WxH:png|jpg (the first one also gets the reference comparison)")
     parser.add_argument("--seeds", type=int, nargs="+", help="train: seeds for the accuracy runs (default 0); "
                         "ablate: seeds per row (default 0 1 2)")
     parser.add_argument("--jobs", default="auto", help="train: parallel training processes")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .flow import optical_strain
+
 # iBUG-68 (0-based) left/right mirror permutation: landmark i of a mirrored face is MIRROR_68[i].
 MIRROR_68 = np.array(
     [16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
@@ -105,18 +107,67 @@ def global_motion(flow: np.ndarray, nose_box: np.ndarray) -> np.ndarray:
 FACE_OUTLINE = list(range(0, 17)) + list(range(26, 16, -1))  # jaw, then brows right to left
 
 
+@dataclass
+class Motion:
+    """An affine displacement field d(x) = lin @ x + t (crop px), the head's own motion in a flow
+    field; `summary` = [dx, dy, roll_deg] at the nose."""
+
+    lin: np.ndarray
+    t: np.ndarray
+    summary: np.ndarray
+
+    def at(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The displacement (u, v) at points."""
+        return (self.lin[0, 0] * xs + self.lin[0, 1] * ys + self.t[0],
+                self.lin[1, 0] * xs + self.lin[1, 1] * ys + self.t[1])
+
+    def field(self, size: int) -> np.ndarray:
+        """The displacement on the whole size x size crop, (size, size, 2)."""
+        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+        return np.stack(self.at(xs, ys), -1).astype(np.float32)
+
+
+def fit_similarity(pts: np.ndarray, flow_at: np.ndarray, init: np.ndarray | None = None,
+                   iters: int = 6) -> np.ndarray:
+    """Robust similarity motion of points: p = (a, b, tx, ty) with displacement
+    d(x, y) = (a x - b y + tx, b x + a y + ty), by iteratively reweighted least squares with Tukey's
+    biweight (scale from the median absolute residual), started from `init` (the previous step's
+    fit: the head moves smoothly). Local AU and blink motions are outliers and get zero weight."""
+    x, y = pts[:, 0].astype(np.float64), pts[:, 1].astype(np.float64)
+    one, zero = np.ones_like(x), np.zeros_like(x)
+    A = np.concatenate([np.stack([x, -y, one, zero], 1), np.stack([y, x, zero, one], 1)])
+    d = np.concatenate([flow_at[:, 0], flow_at[:, 1]]).astype(np.float64)
+    p = np.zeros(4) if init is None else np.asarray(init, np.float64)
+    w = np.ones(len(d))
+    for _ in range(iters):
+        r = d - A @ p
+        rr = np.hypot(r[: len(x)], r[len(x):])  # one residual per point, both components
+        sigma = max(1.4826 * np.median(rr), 1e-3)
+        c = 4.685 * sigma
+        wp = np.where(rr < c, (1 - (rr / c) ** 2) ** 2, 0.0)
+        w = np.concatenate([wp, wp])
+        if w.sum() < 8:
+            break
+        Aw = A * w[:, None]
+        p = np.linalg.lstsq(Aw.T @ A, Aw.T @ d, rcond=None)[0]
+    return p
+
+
 class HeadMotion:
     """The head's own motion in a flow field, to subtract before pooling ROIs.
 
     'nose': the translation of the nose ridge (the reference method). 'similarity': translation,
-    roll and scale fitted by least-median-of-squares to the flow sampled over the whole face, so
-    that the local AU and blink motions (a minority of the face) are outliers and a slow roll no
-    longer leaks into ROIs far from the nose."""
+    roll and scale fitted robustly (`fit_similarity`) to the flow sampled at ~300 points over the
+    whole face, warm-started from the previous step, so that the local AU and blink motions (a
+    minority of the face) are outliers and a slow roll no longer leaks into ROIs far from the nose."""
 
-    def __init__(self, method: str, landmarks: np.ndarray, nose_box: np.ndarray, size: int):
+    def __init__(self, method: str, landmarks: np.ndarray, nose_box: np.ndarray, size: int,
+                 points: int = 300):
         if method not in ("nose", "similarity"):
             raise ValueError(f"preprocess.head_motion must be nose or similarity, got '{method}'")
         self.method, self.nose_box = method, nose_box
+        self.nose_xy = np.array([(nose_box[0] + nose_box[2]) / 2, (nose_box[1] + nose_box[3]) / 2], np.float32)
+        self.prev = None
         if method == "similarity":
             import cv2
 
@@ -125,42 +176,41 @@ class HeadMotion:
             poly = (centre + 0.85 * (outline - centre)).astype(np.int32)  # clear of the face's edge
             mask = np.zeros((size, size), np.uint8)
             cv2.fillPoly(mask, [poly], 1)
-            step = max(2, size // 40)
-            ys, xs = np.nonzero(mask[::step, ::step])
-            self.ys, self.xs = ys * step, xs * step
+            step = max(2, int(np.sqrt(mask.sum() / points)))  # a grid of ~`points` points over the face
+            ys, xs = np.nonzero(mask[step // 2::step, step // 2::step])
+            self.ys, self.xs = ys * step + step // 2, xs * step + step // 2
             self.pts = np.stack([self.xs, self.ys], 1).astype(np.float32)
-            gy, gx = np.mgrid[0:size, 0:size].astype(np.float32)
-            self.grid = np.stack([gx, gy], -1)
-        self.nose_xy = np.array([(nose_box[0] + nose_box[2]) / 2, (nose_box[1] + nose_box[3]) / 2], np.float32)
 
-    def __call__(self, flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(motion to subtract: a (2,) vector or an (H, W, 2) field, [dx, dy, roll_deg] at the nose)."""
+    def __call__(self, flow: np.ndarray) -> Motion:
         if self.method == "nose":
             g = global_motion(flow, self.nose_box)
-            return g, np.array([g[0], g[1], 0.0], np.float32)
-        import cv2
-
-        moved = self.pts + flow[self.ys, self.xs]
-        m, _ = cv2.estimateAffinePartial2D(self.pts, moved, method=cv2.LMEDS)
-        if m is None:  # degenerate (e.g. no texture): fall back to the nose
-            g = global_motion(flow, self.nose_box)
-            return g, np.array([g[0], g[1], 0.0], np.float32)
-        m = m.astype(np.float32)
-        lin = m[:, :2] - np.eye(2, dtype=np.float32)
-        field = self.grid @ lin.T + m[:, 2]
-        at_nose = self.nose_xy @ lin.T + m[:, 2]
-        roll = np.degrees(np.arctan2(m[1, 0], m[0, 0]))
-        return field, np.array([at_nose[0], at_nose[1], roll], np.float32)
+            return Motion(np.zeros((2, 2), np.float32), g.astype(np.float32), np.array([g[0], g[1], 0.0], np.float32))
+        p = fit_similarity(self.pts, flow[self.ys, self.xs], self.prev)
+        self.prev = p
+        a, b, tx, ty = p
+        lin = np.array([[a, -b], [b, a]], np.float32)
+        t = np.array([tx, ty], np.float32)
+        at_nose = lin @ self.nose_xy + t
+        roll = np.degrees(np.arctan2(b, 1 + a))
+        return Motion(lin, t, np.array([at_nose[0], at_nose[1], roll], np.float32))
 
 
 class RoiPooler:
     """Per step, the (R, C) features: per ROI the mean (u, v) and magnitude of its top-k% largest
-    flow vectors, and the mean of its top-k% strain values. Box indices are computed once per
-    clip, so a step costs two small numpy calls per ROI."""
+    flow vectors after removing the head's motion, and the mean of its top-k% strain values.
+
+    Only the ROIs' pixels are touched: the head's motion is evaluated there, and strain (the
+    magnitude of the strain tensor of the head-free flow, blind to rigid translation) on each box
+    plus a one-pixel margin; an affine head motion has constant derivatives, so subtracting it
+    after differentiating gives the same strain as on the corrected field."""
 
     def __init__(self, boxes: np.ndarray, size: int, top_frac: float, channels: tuple[str, ...]):
+        self.boxes, self.size = np.asarray(boxes), size
         self.idx = [(np.arange(y0, y1)[:, None] * size + np.arange(x0, x1)[None, :]).ravel()
                     for x0, y0, x1, y1 in boxes]
+        self.all = np.concatenate(self.idx)
+        self.ys, self.xs = (self.all // size).astype(np.float32), (self.all % size).astype(np.float32)
+        self.seg = np.concatenate([[0], np.cumsum([len(i) for i in self.idx])])
         self.k = np.array([max(1, int(round(top_frac * len(i)))) for i in self.idx])
         self.starts = np.concatenate([[0], np.cumsum(self.k)[:-1]])
         self.channels = tuple(channels)
@@ -168,23 +218,34 @@ class RoiPooler:
         if unknown:
             raise ValueError(f"preprocess.channels: unknown {', '.join(sorted(unknown))} (valid: {', '.join(CHANNELS)})")
 
-    def __call__(self, flow: np.ndarray, strain: np.ndarray | None = None) -> np.ndarray:
-        u, v = flow[..., 0].ravel(), flow[..., 1].ravel()
+    def __call__(self, flow: np.ndarray, motion: Motion | None = None) -> np.ndarray:
+        """Features of one step; `motion`: the head's motion to remove (None: the flow is already
+        head-free)."""
+        u = flow[..., 0].ravel()[self.all]
+        v = flow[..., 1].ravel()[self.all]
+        if motion is not None:
+            du, dv = motion.at(self.xs, self.ys)
+            u, v = u - du, v - dv
         mag = np.hypot(u, v)
-        top = np.concatenate([i[np.argpartition(mag[i], len(i) - k)[-k:]] for i, k in zip(self.idx, self.k)])
+        top = np.concatenate([s + np.argpartition(mag[s:e], (e - s) - k)[-k:]
+                              for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
         pooled = {
             "u": lambda: np.add.reduceat(u[top], self.starts) / self.k,
             "v": lambda: np.add.reduceat(v[top], self.starts) / self.k,
             "mag": lambda: np.add.reduceat(mag[top], self.starts) / self.k,
-            "strain": lambda: self._top_strain(strain),
+            "strain": lambda: self._top_strain(flow, motion),
         }
         return np.stack([pooled[c]() for c in self.channels], axis=1).astype(np.float32)
 
-    def _top_strain(self, strain: np.ndarray | None) -> np.ndarray:
-        if strain is None:
-            raise ValueError("the strain channel needs the strain map")
-        s = strain.ravel()
-        return np.array([np.partition(s[i], len(i) - k)[-k:].mean() for i, k in zip(self.idx, self.k)])
+    def _top_strain(self, flow: np.ndarray, motion: Motion | None) -> np.ndarray:
+        lin = motion.lin if motion is not None else np.zeros((2, 2), np.float32)
+        out = np.empty(len(self.boxes))
+        n = self.size
+        for r, ((x0, y0, x1, y1), k) in enumerate(zip(self.boxes, self.k)):
+            a0, b0, a1, b1 = max(x0 - 1, 0), max(y0 - 1, 0), min(x1 + 1, n), min(y1 + 1, n)
+            s = optical_strain(flow[b0:b1, a0:a1], lin)[y0 - b0:y1 - b0, x0 - a0:x1 - a0].ravel()
+            out[r] = np.partition(s, len(s) - k)[-k:].mean()
+        return out
 
 
 def grid_frames(numbers: np.ndarray, fps: float, grid_ms: float, max_ms: float) -> tuple[np.ndarray, np.ndarray]:

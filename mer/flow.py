@@ -39,13 +39,16 @@ def make_flow(method: str = "dis", preset: str = "medium") -> FlowFn:
     raise ValueError(f"preprocess.flow must be one of {', '.join(METHODS)}, got '{method}'")
 
 
-def optical_strain(flow: np.ndarray) -> np.ndarray:
-    """Magnitude of the infinitesimal strain tensor of a flow field, (H, W) float32.
+def optical_strain(flow: np.ndarray, lin: np.ndarray | None = None) -> np.ndarray:
+    """Magnitude of the infinitesimal strain tensor of a flow field, (H, W) float32, minus the
+    derivatives `lin` (2 x 2, d(u, v)/d(x, y)) of an affine motion removed from the flow.
 
     Strain highlights local deformation of the skin and is blind to rigid translation."""
     u, v = flow[..., 0], flow[..., 1]
     du_dy, du_dx = np.gradient(u)
     dv_dy, dv_dx = np.gradient(v)
+    if lin is not None:
+        du_dx, du_dy, dv_dx, dv_dy = du_dx - lin[0, 0], du_dy - lin[0, 1], dv_dx - lin[1, 0], dv_dy - lin[1, 1]
     shear = 0.5 * (du_dy + dv_dx)
     return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2 * shear ** 2).astype(np.float32)
 

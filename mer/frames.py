@@ -17,6 +17,10 @@ import numpy as np
 from .data import frame_number, list_frames
 
 
+_REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+            8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
 class FrameSource(Protocol):
     """Frames of one clip, in time order."""
 
@@ -24,8 +28,12 @@ class FrameSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def read(self, i: int) -> np.ndarray | None:
-        """Frame at position i as an 8-bit grayscale image, or None if it cannot be decoded."""
+    def read(self, i: int, reduce: int = 1) -> np.ndarray | None:
+        """Frame at position i as an 8-bit grayscale image, or None if it cannot be decoded.
+
+        reduce (1, 2, 4 or 8): the caller will shrink the frame by this factor; a source that can
+        decode at that resolution directly (JPEG's DCT scaling) returns the smaller image, whose
+        pixel j covers full-resolution pixels reduce*j .. reduce*j + reduce - 1. Check the shape."""
 
     def name(self, i: int) -> str:
         """How to name frame i in a message."""
@@ -52,8 +60,11 @@ class FolderFrames:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def read(self, i: int) -> np.ndarray | None:
-        return cv2.imread(str(self.paths[i]), cv2.IMREAD_GRAYSCALE)
+    def read(self, i: int, reduce: int = 1) -> np.ndarray | None:
+        path = self.paths[i]
+        if reduce > 1 and path.suffix.lower() in (".jpg", ".jpeg"):
+            return cv2.imread(str(path), _REDUCED[min(reduce, 8)])
+        return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
 
     def name(self, i: int) -> str:
         return self.paths[i].name

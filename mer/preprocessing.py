@@ -21,8 +21,8 @@ from tqdm import tqdm
 from . import cache as C
 from .cli import UserError
 from .data import TEST_SPLITS, Dataset
-from .face import centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
-from .features import HeadMotion, RoiPooler, grid_frames, roi_boxes, roi_specs
+from .face import Cropper, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
+from .features import HeadMotion, Motion, RoiPooler, grid_frames, roi_boxes, roi_specs
 from .flow import make_flow, optical_strain
 from .frames import FolderFrames, FrameSource
 
@@ -63,6 +63,8 @@ class Face:
     status: str
     reason: str
     head: HeadMotion
+    crop: Cropper
+    shape: tuple
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Track:
     head: list = field(default_factory=list)
     best: tuple = (-1.0, None, None)
     offset: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    apex_flow: np.ndarray | None = None
 
 
 @dataclass
@@ -142,10 +145,11 @@ class Extractor:
 
     @staticmethod
     def _reader(clip: Clip, frames: FrameSource, rec: dict):
-        """read(i): frame i in grey, counted; an undecodable frame is logged and skipped (None)."""
-        def read(i: int) -> np.ndarray | None:
+        """read(i, reduce=1): frame i in grey (see FrameSource.read), counted; an undecodable frame is
+        logged and skipped (None)."""
+        def read(i: int, reduce: int = 1) -> np.ndarray | None:
             rec["frames_read"] += 1
-            img = frames.read(i)
+            img = frames.read(i, reduce)
             if img is None:
                 rec["unreadable"] += 1
                 log.warning("%s/%s: unreadable frame %s (skipped)", clip.split, clip.sample, frames.name(i))
@@ -198,17 +202,17 @@ class Extractor:
         layout = roi_boxes(crop_lm, self.specs, fsize, p["roi_size"], p["nose_landmarks"])
         eye_dist = float(np.hypot(*(crop_lm[42] - crop_lm[39])))
         return Face(m, landmarks, layout, 100.0 / eye_dist, status, reason,
-                    HeadMotion(p["head_motion"], crop_lm, layout.nose, fsize))
+                    HeadMotion(p["head_motion"], crop_lm, layout.nose, fsize),
+                    Cropper(m, fsize, ref_img.shape, margin=0.1 * fsize), ref_img.shape)
 
-    def _flow_at(self, ref: np.ndarray, img: np.ndarray, face: "Face", offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Head-motion-free flow from the reference crop to this frame's crop, and the head motion."""
-        fsize = self.cfg["preprocess"]["flow_size"]
-        mi = face.matrix.copy()
-        mi[:, 2] -= offset
-        flow = self._flow(ref, cv2.warpAffine(img, mi, (fsize, fsize), flags=cv2.INTER_AREA))
-        motion, hm = face.head(flow)
-        flow -= motion
-        return flow, hm
+    def _flow_at(self, ref: np.ndarray, img: np.ndarray, face: "Face", offset: np.ndarray) -> tuple[np.ndarray, Motion]:
+        """Flow from the reference crop to this frame's crop, and the head's motion in it."""
+        flow = self._flow(ref, face.crop(img, face.shape, offset))
+        return flow, face.head(flow)
+
+    @staticmethod
+    def _head_free(flow: np.ndarray, motion: Motion) -> np.ndarray:
+        return flow - motion.field(flow.shape[0])
 
     def _track(self, clip: Clip, frames: FrameSource, read, ref_pos: int, ref_img: np.ndarray, face: "Face",
                rec: dict) -> "Track":
@@ -217,33 +221,40 @@ class Extractor:
         p = self.cfg["preprocess"]
         fsize = p["flow_size"]
         pool = RoiPooler(face.layout.boxes, fsize, p["top_frac"], self.channels)
-        ref = cv2.warpAffine(ref_img, face.matrix, (fsize, fsize), flags=cv2.INTER_AREA)
+        factor = face.crop.factor
+        small = read(ref_pos, factor) if factor > 1 else ref_img  # JPEG: decoded reduced, as every frame
+        if small is None:
+            raise ClipError("the reference frame is unreadable at reduced size")
+        ref = face.crop(small, face.shape)
         pos, times = grid_frames(frames.numbers[ref_pos:], clip.fps, p["grid_ms"], p["max_ms"])
         pos = pos + ref_pos
-        use_strain = "strain" in self.channels
         track = Track(ref)
         reanchor = p["reanchor_px"] * fsize / p["crop_size"]
         rec["reanchors"] = 0
         uv = [self.channels.index(c) for c in ("u", "v") if c in self.channels]
         for i, t in zip(pos, times):
-            img = ref_img if i == ref_pos else read(i)
+            img = small if i == ref_pos else read(i, factor)
             if img is None:
                 continue
-            flow, hm = self._flow_at(ref, img, face, track.offset)
-            g = hm[:2]
-            f = pool(flow, optical_strain(flow) if use_strain else None)
+            flow, head = self._flow_at(ref, img, face, track.offset)
+            g = head.summary[:2]
+            f = pool(flow, head)
             track.feats.append(f)
             track.times.append(t)
             track.numbers.append(frames.numbers[i])
-            track.head.append(np.array([track.offset[0] + g[0], track.offset[1] + g[1], hm[2]]))
+            track.head.append(np.array([track.offset[0] + g[0], track.offset[1] + g[1], head.summary[2]]))
+            if frames.numbers[i] == clip.apex:  # the annotated apex on the grid: no second decode
+                track.apex_flow = self._head_free(flow, head)
             motion = float(np.hypot(*f[:, uv].T).sum()) if len(uv) == 2 else float(np.abs(f).sum())
-            if motion > track.best[0]:
-                track.best = (motion, frames.numbers[i], flow.copy())
+            if motion > track.best[0]:  # keep the raw flow; the head-free field only for the last best
+                track.best = (motion, frames.numbers[i], (flow.copy(), head))
             if reanchor > 0 and np.hypot(*g) > reanchor:
                 track.offset = track.offset + g
                 rec["reanchors"] += 1
         if len(track.feats) < 2:
             raise ClipError("fewer than 2 readable frames on the time grid")
+        flow, head = track.best[2]
+        track.best = (track.best[0], track.best[1], self._head_free(flow, head))
         return track
 
     def _outputs(self, clip: Clip, frames: FrameSource, read, ref_img: np.ndarray, face: "Face",
@@ -266,9 +277,11 @@ class Extractor:
         }
         apex_annotated = -1
         if not np.isnan(clip.apex):
+            flow = track.apex_flow
             hit = np.nonzero(frames.numbers == clip.apex)[0]
-            if len(hit) and (img := read(int(hit[0]))) is not None:
-                flow, _ = self._flow_at(track.ref, img, face, track.offset)
+            if flow is None and len(hit) and (img := read(int(hit[0]), face.crop.factor)) is not None:
+                flow = self._head_free(*self._flow_at(track.ref, img, face, track.offset))
+            if flow is not None:
                 out["apex_map_annotated"] = self._apex_map(flow, unit, p["apex_size"])
                 apex_annotated = int(clip.apex)
         out["apex_annotated_frame"] = np.int64(apex_annotated)

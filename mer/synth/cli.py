@@ -28,6 +28,7 @@ HELP = {
     "face_width": "face width in px at 640 px frame width (scales with --width)",
     "face_spread": "relative spread of face widths between subjects",
     "photos": "face photos: astronaut, grace_hopper (read from installed packages) or image files",
+    "skin_texture": "fine skin texture added to the upscaled photos (grey-level std; 0 = none)",
     "seed": "random seed (output is byte-identical per seed)",
     "au_mapping": "emfacs (full prototypes) | overlapping (DFME-like AU probabilities per emotion)",
     "amplitude": "scale of AU amplitudes", "amplitude_px": "AU peak displacement range, px of a 256 px face crop",
@@ -47,6 +48,7 @@ HELP = {
     "noise_sigma": "sensor noise std range (grey levels)", "flicker_pct": "mains flicker amplitude range (%%)",
     "flicker_hz": "flicker frequencies (Hz)", "jpeg_quality": "JPEG round-trip quality (100 = none)",
     "png_compression": "zlib level of the PNG frames",
+    "frame_format": "png | jpg: the image format frames are written in", "frame_quality": "JPEG quality of jpg frames",
 }
 _NOT_OPTIONS = {"difficulty"}
 

@@ -58,6 +58,7 @@ class SynthConfig:
     face_width: float = 200.0  # face width (jaw 0-16) in px at 640 px frame width; scales with width
     face_spread: float = 0.12  # subjects' face width varies by up to +-this fraction
     photos: tuple[str, ...] = ("astronaut",)  # face photos: astronaut, grace_hopper, or image paths
+    skin_texture: float = 0.0  # fine skin texture (pores) added to upscaled photos: std in grey levels
     seed: int = 0
     difficulty: str = "easy"  # the preset these settings came from (recorded in the truth)
     # -- expressions
@@ -86,6 +87,8 @@ class SynthConfig:
     flicker_pct: tuple[float, float] = (0.2, 1.0)  # mains-light flicker amplitude range (% brightness)
     flicker_hz: tuple[float, ...] = (100.0, 120.0)  # flicker frequencies (twice the mains frequency)
     jpeg_quality: int = 90  # JPEG round-trip quality at noise=1 (100 or noise=0: no JPEG)
+    frame_format: str = "png"  # png | jpg: how frames are written to disk
+    frame_quality: int = 92  # JPEG quality of frames written as jpg
     png_compression: int = 1  # zlib level for PNG frames (low = fast)
 
     def __post_init__(self) -> None:
@@ -102,6 +105,8 @@ class SynthConfig:
             raise ValueError("split counts must be >= 0 and fps positive")
         if self.width < 160 or self.height < 120:
             raise ValueError("frames must be at least 160x120")
+        if self.frame_format not in ("png", "jpg"):
+            raise ValueError(f"frame_format must be png or jpg, got {self.frame_format!r}")
         if self.au_mapping not in ("emfacs", "overlapping"):
             raise ValueError(f"au_mapping must be emfacs or overlapping, got {self.au_mapping!r}")
         if self.amplitude_dist not in ("uniform", "loguniform"):
@@ -136,7 +141,7 @@ PRESETS: dict[str, dict] = {
     # out-of-plane turns, blinks of three kinds in every class, 10% of labels disagreeing with the AUs.
     "dfme": dict(
         width=1024, height=768, face_width=375.0 * 640 / 1024, face_spread=0.2,
-        photos=("astronaut", "grace_hopper"), au_mapping="overlapping", amplitude_px=(0.2, 1.5),
+        photos=("astronaut", "grace_hopper"), skin_texture=4.0, au_mapping="overlapping", amplitude_px=(0.2, 1.5),
         amplitude_dist="loguniform",
         idiosyncrasy=1.0, label_noise=0.10, asynchrony=1.5, me_ms=(250.0, 700.0), neutral_ms=(40.0, 260.0),
         class_mix="dfme", blink_prob=0.35, blink_ms=(100.0, 250.0), blink_kinds=(0.6, 0.2, 0.2),

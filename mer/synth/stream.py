@@ -34,7 +34,7 @@ class RenderedFrames:
     def __len__(self) -> int:
         return len(self.renderer)
 
-    def read(self, i: int) -> np.ndarray:
+    def read(self, i: int, reduce: int = 1) -> np.ndarray:
         if i not in self._cache:
             self._cache[i] = png_grey(self.renderer.frame(i))
             self.rendered += 1
