@@ -318,7 +318,7 @@ def build_manifest(ds: Dataset, split: str, cdir: Path) -> pd.DataFrame:
     for r in ds.split(split).itertuples():
         path = C.clip_file(cdir, split, r.sample)
         rec = C.read_clip_record(path) if path.is_file() else {"status": "pending", "reason": "not processed yet"}
-        rec.update(split=split, row=r.row, sample=r.sample, subject=r.subject,
+        rec.update(split=split, row=r.row, sample=r.sample, subject=r.subject, dataset=r.dataset,
                    label=r.label if not pd.isna(r.label) else None,
                    file=str(path.relative_to(cdir)))
         rows.append({k: rec.get(k) for k in C.MANIFEST_COLUMNS})
@@ -436,6 +436,7 @@ def run(root: str | Path, cfg: dict, splits: list[str] | None = None, workers: i
                     Path(root).resolve())
     save_config(cfg, cdir / "config.yaml")
     meta = {"dataset": ds.name, "root": str(Path(root).resolve()), "key": cdir.name, "classes": ds.classes,
+            "label_base": ds.label_base, "databases": sorted(set(ds.table["dataset"])),
             "rois": roi_specs(cfg["preprocess"]["rois"]),
             "channels": list(cfg["preprocess"]["channels"]), "splits": sorted(set(splits) | _cached_splits(cdir)),
             "feature_version": C.FEATURE_VERSION,
