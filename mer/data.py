@@ -354,7 +354,7 @@ def _rows_from_table(df: pd.DataFrame, cols: dict[str, str], split: str, dataset
         out[k] = [_to_int(v) for v in df[cols[k]]] if k in cols else np.nan
     out["emotion_raw"] = list(df[cols["emotion"]]) if "emotion" in cols else None
     out["label_raw"] = list(df[cols["label"]]) if "label" in cols else None
-    out["aus"] = [("" if pd.isna(v) else str(v)) for v in df[cols["aus"]]] if "aus" in cols else ""
+    out["aus"] = [("" if pd.isna(v) else _sample_name(v)) for v in df[cols["aus"]]] if "aus" in cols else ""
     out["start_frame"] = np.nan
     out["end_frame"] = np.nan
     return out
