@@ -27,7 +27,7 @@ FEATURE_VERSION = 1  # bump when the preprocessing code changes what it computes
 MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "reason", "fps",
                     "frames_total", "frames_read", "unreadable", "steps", "duration_ms",
                     "landmark_conf", "detect_frame", "head_motion", "reanchors", "apex_motion_frame",
-                    "apex_annotated_frame", "seconds", "file", "dataset"]
+                    "apex_annotated_frame", "seconds", "file", "dataset", "truncated_from_ms"]
 
 
 def feature_settings(cfg: dict) -> dict:

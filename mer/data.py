@@ -1,8 +1,10 @@
 """Dataset readers: one per database, each normalising its annotation table to a common schema.
 
 Every reader returns a `Dataset` whose `table` has one row per clip with the columns of `SCHEMA`.
-Unknown fields stay empty (NaN / ""), never invented. `validate()` then checks the table against
-the frames on disk and says, one line per problem, what is wrong and with which sample.
+Unknown fields stay empty (NaN / ""), never invented. `load_dataset()` then checks the table
+against the frames on disk and says, one line per problem, what is wrong and with which sample.
+This module holds the shared machinery, the DFME and manifest readers and the validation; the
+released ME databases (CASME II, SAMM, CAS(ME)^3, composite) are read in `mer.databases`.
 """
 
 from __future__ import annotations

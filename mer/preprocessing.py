@@ -88,10 +88,12 @@ class Extractor:
         if not clip.fps or np.isnan(clip.fps) or clip.fps <= 0:
             raise ClipError(f"invalid frame rate {clip.fps}")
         duration = (numbers[-1] - numbers[0]) * 1000.0 / clip.fps
-        if duration > p["max_ms"]:
-            log.info("%s/%s: %.0f ms long, truncated to preprocess.max_ms=%.0f", clip.split, clip.sample,
-                     duration, p["max_ms"])
-        rec = {"fps": float(clip.fps), "frames_total": len(frames), "unreadable": 0, "frames_read": 0}
+        truncated = duration > p["max_ms"]
+        if truncated:
+            log.warning("%s/%s: %.0f ms long, truncated to preprocess.max_ms=%.0f (the rest is not used; "
+                        "manifest column truncated_from_ms)", clip.split, clip.sample, duration, p["max_ms"])
+        rec = {"fps": float(clip.fps), "frames_total": len(frames), "unreadable": 0, "frames_read": 0,
+               "truncated_from_ms": float(duration) if truncated else np.nan}
 
         def read(i: int) -> np.ndarray | None:
             rec["frames_read"] += 1
@@ -331,6 +333,10 @@ def _log_summary(manifests: dict[str, pd.DataFrame], done_files: set[str], secon
     for split, m in manifests.items():
         counts = m["status"].value_counts().to_dict()
         log.info("%s: %s", split, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        cut = pd.to_numeric(m["truncated_from_ms"], errors="coerce").notna().sum()
+        if cut:
+            log.warning("%s: %d clip(s) longer than preprocess.max_ms were truncated (manifest column "
+                        "truncated_from_ms)", split, cut)
         for r in m[m["status"].isin(["failed", "fallback"])].itertuples():
             log.warning("  %s %s/%s: %s", r.status, split, r.sample, r.reason)
     if done_files:
