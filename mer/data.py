@@ -226,10 +226,13 @@ def _below_header_block(df: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 def tables_under(root: Path, max_depth: int = 3) -> list[Path]:
-    """Table files (.xlsx/.xls/.csv) at most `max_depth` levels below root (frame folders are not
-    listed: the walk stops at that depth)."""
+    """Table files (.xlsx/.xls/.csv) at most `max_depth` levels below root. Frame folders are not
+    listed: the walk stops at that depth and does not enter a folder's sub-folders when it holds
+    more than 300 (a folder of samples, e.g. DFME's train_data)."""
     found = []
-    for dirpath, _, filenames in walk(root, max_depth):
+    for dirpath, dirnames, filenames in walk(root, max_depth):
+        if len(dirnames) > 300:
+            dirnames[:] = []
         found += [Path(dirpath) / f for f in filenames
                   if Path(f).suffix.lower() in (".xlsx", ".xls", ".csv") and not f.startswith(("~$", "."))]
     return sorted(found)
