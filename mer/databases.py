@@ -29,8 +29,8 @@ import pandas as pd
 
 from .cli import UserError
 from .data import (
-    Dataset, Issue, _assign_labels, _finish, _norm_col, _rows_from_table, canonical_emotion, index_folders,
-    match_columns, read_dfme, read_manifest, read_table, tables_under,
+    SPLITS, Dataset, Issue, _assign_labels, _finish, _norm_col, _rows_from_table, _split_pattern, canonical_emotion,
+    index_folders, match_columns, read_dfme, read_manifest, read_table, tables_under,
 )
 
 log = logging.getLogger("mer.data")
@@ -135,13 +135,18 @@ def find_databases(root: Path) -> list[tuple[str, Path, Path]]:
 
 
 def detect_kind(root: Path) -> str:
-    """The reader for `root`: manifest (a CSV file), one ME database, composite (several), or dfme."""
+    """The reader for `root`: manifest (a CSV file), dfme (split tables named train / test_A /
+    test_B), one ME database, composite (several), else dfme."""
     if root.is_file():
         return "manifest"
-    kinds = {k for k, _, _ in find_databases(root)}
-    if len(kinds) > 1:
+    tables = tables_under(root)
+    kinds = {p: table_kind(p) for p in tables}
+    if any(k is None and any(_split_pattern(s).search(p.stem) for s in SPLITS) for p, k in kinds.items()):
+        return "dfme"
+    found = {k for k in kinds.values() if k}
+    if len(found) > 1:
         return "composite"
-    return kinds.pop() if kinds else "dfme"
+    return found.pop() if found else "dfme"
 
 
 def database_table(root: Path, db: MEDatabase, configured: str | None) -> Path:

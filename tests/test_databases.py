@@ -267,3 +267,10 @@ def test_same_onset_twice_in_a_recording_is_told_apart_by_the_offset():
                       "split": "train"})
     issues = []
     assert list(unique_names(t, issues)["sample"]) == ["s_e_10-20", "s_e_10-30", "s_e_40"] and issues == []
+
+
+def test_a_dfme_root_holding_another_database_is_still_dfme(tiny_dfme):
+    casme2_tree(tiny_dfme / "extra" / "CASME2")
+    ds = load(tiny_dfme)
+    assert ds.name == "dfme" and len(ds.split("train")) == 4
+    assert load(tiny_dfme / "extra" / "CASME2").name == "casme2-5class"
