@@ -4,6 +4,7 @@
     python train.py --fold 2 --seeds 0               # one job of a cluster array
     python train.py --model apex_cnn --name apex     # the onset-apex baseline on the same folds
     python train.py --explain SAMPLE --name RUN      # ROI x time attention heatmap of one clip
+    python train.py --extra CASME2 --extra SAMM      # declared extra training data (training side only)
 """
 
 import argparse
@@ -19,6 +20,10 @@ def main() -> None:
     parser.add_argument("--name", help="run name: outputs go to runs/NAME (default: the model name)")
     parser.add_argument("--root", help="dataset whose cache to use (when several are cached)")
     parser.add_argument("--cache", help="cache folder to use (cache/<dataset>/<key>)")
+    parser.add_argument("--extra", action="append", metavar="ROOT",
+                        help="declared extra training data: a dataset root (preprocessed with the same settings) "
+                        "or its cache folder; repeatable; added to the training side of every fold only "
+                        "(shortcut for --set train.extra=[...]; classes mapped by train.extra_class_map)")
     add_device_arg(parser)
     parser.add_argument("--jobs", default="auto", help="models trained in parallel processes (auto: one per "
                         "CPU core on CPU, 1 on GPU)")
@@ -35,6 +40,8 @@ def main() -> None:
         cfg = config_from_args(args)
         if args.model:
             cfg["model"]["name"] = args.model
+        if args.extra:
+            cfg["train"]["extra"] = list(args.extra)
         name = args.name or cfg["model"]["name"]
         device = resolve_device(args.device)
         if args.explain:

@@ -27,17 +27,25 @@ FEATURE_VERSION = 2  # bump when the preprocessing code changes what it computes
 MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "reason", "fps",
                     "frames_total", "frames_read", "unreadable", "steps", "duration_ms",
                     "landmark_conf", "detect_frame", "head_motion", "reanchors", "apex_motion_frame",
-                    "apex_annotated_frame", "seconds", "file"]
+                    "apex_annotated_frame", "seconds", "file", "dataset", "truncated_from_ms"]
 
 
-def cache_key(cfg: dict) -> str:
-    """Hash of every setting that changes the cached tensors (not where they are stored)."""
+def feature_settings(cfg: dict) -> dict:
+    """The settings that shape every clip's tensors, whatever the dataset (the preprocess section,
+    ROIs resolved, and the code's feature version): caches with equal ones can be mixed."""
     from .features import roi_specs
 
     settings = {k: v for k, v in cfg["preprocess"].items() if k != "cache_dir"}
     settings["rois"] = roi_specs(settings["rois"])  # 'default' resolved: its definition counts
-    data = {k: cfg["data"][k] for k in ("fps", "protocol", "image_exts")}
-    return stable_hash({"preprocess": settings, "data": data, "version": FEATURE_VERSION})
+    return {"preprocess": settings, "version": FEATURE_VERSION}
+
+
+def cache_key(cfg: dict) -> str:
+    """Hash of every setting that changes the cached tensors or the rows and labels cached (not
+    where they are stored)."""
+    data = {k: cfg["data"].get(k) for k in ("fps", "protocol", "image_exts", "classes", "label_base",
+                                            "missing_offset_ms")}
+    return stable_hash({**feature_settings(cfg), "data": data})
 
 
 def dataset_id(root: str | Path) -> str:
@@ -121,8 +129,11 @@ def read_manifest(cdir: Path, split: str) -> pd.DataFrame:
     path = Path(cdir) / split / "manifest.csv"
     if not path.is_file():
         raise UserError(f"no manifest for split '{split}' in {cdir}: run preprocess.py --splits {split}")
-    return pd.read_csv(path, dtype={"sample": str, "subject": str}, keep_default_na=False,
-                       na_values={c: [""] for c in MANIFEST_COLUMNS if c not in ("sample", "subject")})
+    m = pd.read_csv(path, dtype={"sample": str, "subject": str, "dataset": str}, keep_default_na=False,
+                    na_values={c: [""] for c in MANIFEST_COLUMNS if c not in ("sample", "subject", "dataset")})
+    if "dataset" not in m:  # a cache made before manifests named each clip's database
+        m["dataset"] = ""
+    return m
 
 
 def find_cache(cache_root: str | Path, root: str | Path | None = None, cache: str | Path | None = None,

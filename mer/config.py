@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -59,16 +60,39 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
         return value
     elif isinstance(default, str) and isinstance(value, (list, dict)):
         return value  # e.g. data.classes or preprocess.rois given as a list instead of a name
+    elif isinstance(default, str) and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a choice written as a number, e.g. data.label_base=1
     raise ConfigError(
         f"config key '{key}' expects {type(default).__name__} (default {default!r}), got {value!r}"
     )
 
 
+def _free_maps(cfg: dict, prefix: str = "") -> set[str]:
+    """Keys whose default is an empty mapping: maps the user fills freely (e.g. train.extra_class_map)."""
+    keys = set()
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            keys |= {prefix + k} if not v else _free_maps(v, prefix + k + ".")
+    return keys
+
+
+@functools.lru_cache(maxsize=1)
+def _free_keys() -> frozenset[str]:
+    return frozenset(_free_maps(default_config()))
+
+
 def merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
-    """Recursively merge `update` into a copy of `base`, rejecting keys `base` does not have."""
+    """Recursively merge `update` into a copy of `base`, rejecting keys `base` does not have
+    (except inside the free maps of the defaults, whose entries are added to)."""
     out = copy.deepcopy(base)
+    free = _free_keys()
     for k, v in update.items():
         full = prefix + str(k)
+        if full in free:
+            if v is not None and not isinstance(v, dict):
+                raise ConfigError(f"config key '{full}' expects a mapping (e.g. {{name: value}}), got {v!r}")
+            out[k] = {**(out.get(k) or {}), **(v or {})}
+            continue
         if k not in out:
             raise _unknown_key(full, [prefix + x for x in out], where)
         if isinstance(out[k], dict) and out[k] and not isinstance(v, dict):

@@ -1,8 +1,10 @@
 """Dataset readers: one per database, each normalising its annotation table to a common schema.
 
 Every reader returns a `Dataset` whose `table` has one row per clip with the columns of `SCHEMA`.
-Unknown fields stay empty (NaN / ""), never invented. `validate()` then checks the table against
-the frames on disk and says, one line per problem, what is wrong and with which sample.
+Unknown fields stay empty (NaN / ""), never invented. `load_dataset()` then checks the table
+against the frames on disk and says, one line per problem, what is wrong and with which sample.
+This module holds the shared machinery, the DFME and manifest readers and the validation; the
+released ME databases (CASME II, SAMM, CAS(ME)^3, composite) are read in `mer.databases`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -33,12 +35,6 @@ SPLITS = ("train", "test_A", "test_B")
 TEST_SPLITS = ("test_A", "test_B")
 
 DFME_CLASSES = ["anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise"]
-CASME3_CLASSES = {
-    "7class": ["anger", "disgust", "fear", "happiness", "others", "sadness", "surprise"],
-    "3class": ["negative", "positive", "surprise"],
-}
-CASME3_TO_3CLASS = {"anger": "negative", "disgust": "negative", "fear": "negative",
-                    "sadness": "negative", "happiness": "positive", "surprise": "surprise"}
 
 EMOTION_ALIASES = {
     "anger": ["anger", "angry", "ang", "愤怒", "生气"],
@@ -48,6 +44,7 @@ EMOTION_ALIASES = {
     "happiness": ["happiness", "happy", "hap", "joy", "高兴", "快乐", "开心"],
     "sadness": ["sadness", "sad", "sadnes", "伤心", "悲伤", "难过"],
     "surprise": ["surprise", "surprised", "sur", "惊讶"],
+    "repression": ["repression", "repressed", "rep", "压抑"],
     "others": ["others", "other", "其他"],
     "negative": ["negative", "neg"],
     "positive": ["positive", "pos"],
@@ -65,7 +62,7 @@ COLUMN_ALIASES = {
     "apex": ["apex", "apexframe", "apexf"],
     "offset": ["offset", "offsetframe", "offsetf"],
     "fps": ["fps", "framerate", "framespersecond", "rate", "帧率"],
-    "aus": ["au", "aus", "actionunit", "actionunits", "aulabel"],
+    "aus": ["actionunits", "actionunit", "au", "aus", "aulabel"],  # the coded string before a parsed copy
     "frames": ["frames", "framesdir", "frames_path", "path", "framespath", "folder", "dir"],
     "split": ["split", "set", "subset"],
 }
@@ -73,6 +70,9 @@ COLUMN_ALIASES = {
 
 def _norm_col(name: object) -> str:
     return re.sub(r"[\s_\-()（）]+", "", str(name)).lower()
+
+
+_KNOWN_COLUMNS = {a for aliases in COLUMN_ALIASES.values() for a in aliases}
 
 
 def canonical_emotion(value: object) -> str | None:
@@ -107,6 +107,7 @@ class Dataset:
     table: pd.DataFrame
     classes: list[str]
     issues: list[Issue] = field(default_factory=list)
+    label_base: int = 0  # the id of the first class in the train table (and in submissions)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table["split"] == name]
@@ -135,11 +136,26 @@ def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpe
     return sorted(files, key=lambda p: (frame_number(p), p.name))
 
 
+def walk(root: Path, max_depth: int | None = None) -> Iterable[tuple[str, list[str], list[str]]]:
+    """os.walk that follows symbolic links (a composite root may link its databases) without
+    looping, skips hidden folders, and stops `max_depth` folder levels below root."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        depth = len(Path(dirpath).relative_to(root).parts)
+        keep = max_depth is None or depth + 1 < max_depth
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if keep else []
+        yield dirpath, dirnames, filenames
+
+
 def index_folders(root: Path) -> dict[str, list[Path]]:
     """Map every folder name under `root` to the folders of that name (samples may be nested)."""
     index: dict[str, list[Path]] = {}
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for dirpath, dirnames, _ in walk(root):
         for d in dirnames:
             index.setdefault(d, []).append(Path(dirpath) / d)
     return index
@@ -170,25 +186,56 @@ def _split_pattern(split: str) -> re.Pattern:
     return re.compile(rf"(test|leaderboard|eval)[\W_]*(data[\W_]*|set[\W_]*)?{letter}(?![a-z])", re.I)
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """An annotation table (.xlsx/.xls/.csv/.tsv) as strings-preserving DataFrame."""
+def read_table(path: str | Path, nrows: int | None = None) -> pd.DataFrame:
+    """An annotation table (.xlsx/.xls/.csv/.tsv) as a DataFrame; names in CSVs stay text.
+
+    A block of title rows above the column names (SAMM's release) is skipped: the header is the
+    first row, or else the first of the top 40 rows naming at least two known columns."""
     path = Path(path)
     try:
         if path.suffix.lower() in (".xlsx", ".xlsm", ".xls"):
-            df = pd.read_excel(path)
+            df = pd.read_excel(path, nrows=nrows)
         elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
             sep = "\t" if path.suffix.lower() == ".tsv" else ","
             df = pd.read_csv(path, sep=sep, encoding="utf-8-sig", dtype=str, keep_default_na=False,
-                             na_values=[""])  # names stay text: '0001' keeps its zeros
+                             na_values=[""], nrows=nrows)  # names stay text: '0001' keeps its zeros
         else:
             raise UserError(f"{path}: unsupported table format (use .xlsx or .csv)")
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any parser failure is the same user problem
         raise UserError(f"cannot read annotation table {path}: {e}") from None
+    df = _below_header_block(df, path)
     df = df.dropna(how="all")
     df = df.loc[:, [not str(c).startswith("Unnamed") for c in df.columns]]
     return df
+
+
+def _below_header_block(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if any(_norm_col(c) in _KNOWN_COLUMNS for c in df.columns):
+        return df
+    for i in range(min(len(df), 40)):
+        cells = list(df.iloc[i])
+        if sum(_norm_col(c) in _KNOWN_COLUMNS for c in cells if not pd.isna(c)) >= 2:
+            names = [f"Unnamed: {k}" if pd.isna(c) else str(c).strip() for k, c in enumerate(cells)]
+            log.debug("%s: column names on row %d (the rows above are a header block)", path, i + 2)
+            out = df.iloc[i + 1:].copy()
+            out.columns = names
+            return out.reset_index(drop=True)
+    return df
+
+
+def tables_under(root: Path, max_depth: int = 3) -> list[Path]:
+    """Table files (.xlsx/.xls/.csv) at most `max_depth` levels below root. Frame folders are not
+    listed: the walk stops at that depth and does not enter a folder's sub-folders when it holds
+    more than 300 (a folder of samples, e.g. DFME's train_data)."""
+    found = []
+    for dirpath, dirnames, filenames in walk(root, max_depth):
+        if len(dirnames) > 300:
+            dirnames[:] = []
+        found += [Path(dirpath) / f for f in filenames
+                  if Path(f).suffix.lower() in (".xlsx", ".xls", ".csv") and not f.startswith(("~$", "."))]
+    return sorted(found)
 
 
 def match_columns(df: pd.DataFrame, required: Iterable[str], where: str) -> dict[str, str]:
@@ -227,12 +274,7 @@ def _to_int(value: object) -> float:
 def find_tables(root: Path, configured: dict) -> dict[str, Path]:
     """The annotation table of each split: from the config, else found by file name under root."""
     tables: dict[str, Path] = {}
-    candidates = [
-        p for p in sorted(root.rglob("*"))
-        if p.suffix.lower() in (".xlsx", ".xls", ".csv") and p.is_file()
-        and not p.name.startswith(("~$", "."))
-        and len(p.relative_to(root).parts) <= 3
-    ]
+    candidates = tables_under(root)
     for split in SPLITS:
         if configured.get(split):
             p = Path(configured[split])
@@ -258,12 +300,32 @@ def find_tables(root: Path, configured: dict) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- class maps
 
-def class_map_from_table(names: pd.Series, ids: pd.Series, default: list[str], where: str) -> list[str]:
-    """Class names in id order, derived from a table carrying both names and ids."""
+def label_base(ids: pd.Series, n_classes: int, setting: object, has_names: bool, where: str) -> int:
+    """The id of the first class in a train table's EmotionId column: 0 or 1.
+
+    setting 'auto' (data.label_base): 0, unless the ids run 1..K, which is ambiguous (a 1-based
+    table, or a 0-based one without class 0): then stop and say how to declare it."""
+    setting = str(setting).strip().lower()
+    if setting not in ("auto", "0", "1"):
+        raise UserError(f"data.label_base must be auto, 0 or 1, got '{setting}'")
     numeric = pd.to_numeric(ids, errors="coerce").dropna()
-    if len(numeric) and numeric.min() >= 1 and numeric.max() == len(default):
-        raise UserError(f"{where}: EmotionId runs 1..{len(default)}, but ids must start at 0; "
-                        "drop the EmotionId column (the emotion names are then used) or renumber it")
+    if setting == "1" and len(numeric) and numeric.min() < 1:
+        raise UserError(f"{where}: data.label_base=1 but EmotionId {int(numeric.min())} occurs; "
+                        "set data.label_base=0 (or auto)")
+    if setting != "auto":
+        return int(setting)
+    if len(numeric) and numeric.min() >= 1 and numeric.max() == n_classes:
+        k = n_classes
+        raise UserError(
+            f"{where}: EmotionId runs 1..{k}{'' if has_names else ' and there is no emotion name column'}: "
+            f"declare the base with --set data.label_base=1 (ids 1..{k} are read as classes 0..{k - 1} and "
+            f"submissions are written 1..{k}) or --set data.label_base=0 (ids are 0-based; id {k} is then "
+            "outside the class map and its rows are skipped)")
+    return 0
+
+
+def class_map_from_table(names: pd.Series, ids: pd.Series, default: list[str], where: str) -> list[str]:
+    """Class names in id order (0-based ids), derived from a table carrying both names and ids."""
     pairs = {}
     for n, i in zip(names, ids):
         c, v = canonical_emotion(n), _to_int(i)
@@ -297,14 +359,15 @@ def _rows_from_table(df: pd.DataFrame, cols: dict[str, str], split: str, dataset
         out[k] = [_to_int(v) for v in df[cols[k]]] if k in cols else np.nan
     out["emotion_raw"] = list(df[cols["emotion"]]) if "emotion" in cols else None
     out["label_raw"] = list(df[cols["label"]]) if "label" in cols else None
-    out["aus"] = [("" if pd.isna(v) else str(v)) for v in df[cols["aus"]]] if "aus" in cols else ""
+    out["aus"] = [("" if pd.isna(v) else _sample_name(v)) for v in df[cols["aus"]]] if "aus" in cols else ""
     out["start_frame"] = np.nan
     out["end_frame"] = np.nan
     return out
 
 
-def _assign_labels(t: pd.DataFrame, classes: list[str], issues: list[Issue]) -> pd.DataFrame:
+def _assign_labels(t: pd.DataFrame, classes: list[str], issues: list[Issue], protocol: str = "") -> pd.DataFrame:
     """Fill emotion (canonical name) and label (id) from whichever of the two the table has."""
+    outside = f"not a class of protocol {protocol}" if protocol else "outside the class map"
     labels, emotions = [], []
     for _, r in t.iterrows():
         if r["split"] in TEST_SPLITS:  # a test table's labels (if any) are not used: never drop its rows
@@ -327,7 +390,7 @@ def _assign_labels(t: pd.DataFrame, classes: list[str], issues: list[Issue]) -> 
             continue
         if name is not None and name not in classes:
             issues.append(Issue("skip", r["split"], r["sample"],
-                                f"emotion '{name}' is outside the class map ({', '.join(classes)})"))
+                                f"emotion '{name}' is {outside} ({', '.join(classes)})"))
             labels.append(np.nan)
             emotions.append("?")
             continue
@@ -369,9 +432,12 @@ def read_dfme(root: str | Path, cfg: dict) -> Dataset:
             f"no annotation table found under {root}: expected files whose names contain 'train', "
             f"'test_A' or 'test_B' (.xlsx or .csv), or set data.tables.<split>=PATH"
         )
+    protocol = dcfg.get("protocol", "auto")
+    if protocol not in ("auto", "7class"):
+        raise UserError(f"data.protocol={protocol} is not defined for DFME (7 classes): use auto or 7class")
     default = list(dcfg.get("classes") or DFME_CLASSES)
     issues: list[Issue] = []
-    parts, classes = [], default
+    parts, classes, base = [], default, 0
     for split, path in tables.items():
         df = read_table(path)
         cols = match_columns(df, ["sample"] if dcfg.get("fps") else ["sample", "fps"], str(path))
@@ -379,6 +445,12 @@ def read_dfme(root: str | Path, cfg: dict) -> Dataset:
             if "emotion" not in cols and "label" not in cols:
                 raise UserError(f"{path}: the train table needs an emotion name or EmotionId column; "
                                 f"columns found: {', '.join(map(str, df.columns))}")
+            if "label" in cols:
+                base = label_base(df[cols["label"]], len(default), dcfg.get("label_base", "auto"),
+                                  "emotion" in cols, str(path))
+                if base:
+                    df = df.copy()
+                    df[cols["label"]] = pd.to_numeric(df[cols["label"]], errors="coerce") - base
             if "emotion" in cols and "label" in cols and not dcfg.get("classes"):
                 classes = class_map_from_table(df[cols["emotion"]], df[cols["label"]], default, str(path))
         parts.append(_rows_from_table(df, cols, split, "dfme"))
@@ -387,60 +459,16 @@ def read_dfme(root: str | Path, cfg: dict) -> Dataset:
         t["fps"] = t["fps"].fillna(float(dcfg["fps"]))
     t = _assign_labels(t, classes, issues)
     t = _attach_frames(t, root, issues)
-    return Dataset("dfme", root, _finish(t), classes, issues)
-
-
-def read_casme3(root: str | Path, cfg: dict) -> Dataset:
-    """CAS(ME)^3 part A: one xlsx for all clips; frames at <Subject>/<Filename>/color/<n>.jpg.
-
-    Every clip is a 'train' row (evaluation is leave-one-subject-out). The clip runs from onset
-    to offset inside the long recording. 3-class protocol: anger/disgust/fear/sadness ->
-    negative, happiness -> positive, surprise; 'others' is dropped."""
-    root = Path(root)
-    dcfg = cfg["data"]
-    protocol = dcfg.get("protocol", "7class")
-    if protocol not in CASME3_CLASSES:
-        raise UserError(f"data.protocol must be one of {', '.join(CASME3_CLASSES)}, got '{protocol}'")
-    path = Path(dcfg["tables"]["train"]) if dcfg["tables"].get("train") else None
-    if path is None:
-        hits = [p for p in sorted(root.rglob("*.xls*")) if not p.name.startswith("~$")]
-        if len(hits) != 1:
-            raise UserError(f"CAS(ME)^3: expected one annotation .xlsx under {root}, found "
-                            f"{len(hits)}{': ' + ', '.join(map(str, hits)) if hits else ''}; set data.tables.train")
-        path = hits[0]
-    path = path if path.is_absolute() else root / path
-    df = read_table(path)
-    cols = match_columns(df, ["sample", "subject", "emotion", "onset", "offset"], str(path))
-    t = _rows_from_table(df, cols, "train", "casme3")
-    t["clip"] = t["sample"]
-    t["sample"] = t["subject"] + "_" + t["clip"]
-    t["fps"] = t["fps"].fillna(float(dcfg.get("fps") or 30.0))
-    t["start_frame"], t["end_frame"] = t["onset"], t["offset"]
-    classes = list(dcfg.get("classes") or CASME3_CLASSES[protocol])
-    issues: list[Issue] = []
-    if protocol == "3class":
-        names = [canonical_emotion(v) for v in t["emotion_raw"]]
-        keep = [n != "others" for n in names]
-        t["emotion_raw"] = [CASME3_TO_3CLASS.get(n, v) if n else v for n, v in zip(names, t["emotion_raw"])]
-        t = t[keep].reset_index(drop=True)
-    t["label_raw"] = None
-    t = _assign_labels(t, classes, issues)
-    dirs = []
-    for _, r in t.iterrows():
-        d = root / r["subject"] / r["clip"] / "color"
-        if not d.is_dir():
-            d = root / r["subject"] / r["clip"]
-        if not d.is_dir():
-            issues.append(Issue("missing", "train", r["sample"], f"frame folder not found: {root / r['subject'] / r['clip'] / 'color'}"))
-        dirs.append(str(d) if d.is_dir() else "")
-    t["frames_dir"] = dirs
-    return Dataset(f"casme3-{protocol}", root, _finish(t), classes, issues)
+    return Dataset("dfme", root, _finish(t), classes, issues, label_base=base)
 
 
 def read_manifest(path: str | Path, cfg: dict) -> Dataset:
     """A generic CSV: sample, subject, emotion (or label), fps, frames (folder, relative to the CSV),
     optional split (default train), onset/apex/offset, aus — any other database without code."""
     path = Path(path)
+    if cfg["data"].get("protocol", "auto") != "auto":
+        raise UserError(f"data.protocol={cfg['data']['protocol']} does not apply to a manifest: its classes are "
+                        "its emotion names (or data.classes); leave data.protocol=auto")
     df = read_table(path)
     cols = match_columns(df, ["sample", "fps", "frames"], str(path))
     splits = [str(s).strip() if "split" in cols and not pd.isna(s) else "train"
@@ -470,36 +498,26 @@ def _finish(t: pd.DataFrame) -> pd.DataFrame:
     return t[SCHEMA].reset_index(drop=True)
 
 
-def detect_kind(root: Path) -> str:
-    if root.is_file():
-        return "manifest"
-    for p in sorted(root.glob("*.xls*"))[:5]:
-        try:
-            cols = {_norm_col(c) for c in pd.read_excel(p, nrows=0).columns}
-        except Exception:  # noqa: BLE001 - an unreadable file is reported by the reader itself
-            continue
-        if "objectiveclass" in cols:
-            return "casme3"
-    return "dfme"
-
-
-READERS = {"dfme": read_dfme, "casme3": read_casme3, "manifest": read_manifest}
-
-
 def load_dataset(root: str | Path, cfg: dict, check_disk: bool = True) -> Dataset:
-    """Read the dataset at `root` (a folder, or a manifest CSV) and validate it against disk."""
+    """Read the dataset at `root` (a folder, or a manifest CSV) and validate it against disk.
+
+    data.dataset=auto recognises DFME, CASME II, SAMM, CAS(ME)^3 (by their tables), a folder
+    holding several of the last three (the composite protocol) and manifest CSVs."""
+    from .databases import READERS, detect_kind
+
     root = Path(root)
     if not root.exists():
         raise UserError(f"dataset root not found: {root}")
     kind = cfg["data"]["dataset"]
     if kind == "auto":
-        kind = detect_kind(root)
+        kind = "composite" if cfg["data"].get("protocol") == "composite" and root.is_dir() else detect_kind(root)
     if kind not in READERS:
         raise UserError(f"data.dataset must be auto or one of {', '.join(READERS)}, got '{kind}'")
     ds = READERS[kind](root, cfg)
     if check_disk:
         ds.issues += check_frames(ds.table, cfg["data"]["image_exts"])
     ds.issues += check_table(ds.table)
+    ds.issues += check_aus(ds.table)
     return ds
 
 
@@ -530,7 +548,11 @@ def check_table(t: pd.DataFrame) -> list[Issue]:
 
 
 def check_frames(t: pd.DataFrame, exts: Iterable[str]) -> list[Issue]:
-    """Problems on disk: empty folders, key frames outside the frames present."""
+    """Problems on disk: empty folders, clips and key frames outside the frames present.
+
+    A clip inside a longer recording (start/end frames) that runs past the frames present is cut to
+    them, one that is not there at all is skipped; a key frame outside the frames present is ignored
+    on its own (the others are kept). Each row gets at most one line saying what was done."""
     issues = []
     for i, r in t.iterrows():
         if not r["frames_dir"]:
@@ -541,13 +563,45 @@ def check_frames(t: pd.DataFrame, exts: Iterable[str]) -> list[Issue]:
             t.at[i, "frames_dir"] = ""
             continue
         lo, hi = frame_number(frames[0]), frame_number(frames[-1])
-        bad = [f"{k} {int(r[k])}" for k in ("onset", "apex", "offset")
-               if not pd.isna(r[k]) and not lo <= r[k] <= hi]
+        notes = []
+        start, end = r["start_frame"], r["end_frame"]
+        if not pd.isna(start) and not pd.isna(end):
+            if end < lo or start > hi:
+                issues.append(Issue("skip", r["split"], r["sample"], f"clip frames {int(start)}..{int(end)} are not in "
+                                    f"{r['frames_dir']} (frames {lo}..{hi} there)"))
+                continue
+            if start < lo or end > hi:
+                start, end = max(start, lo), min(end, hi)
+                notes.append(f"clip {int(r['start_frame'])}..{int(r['end_frame'])} runs past the frames present "
+                             f"({lo}..{hi}): cut to {int(start)}..{int(end)}")
+                t.at[i, "start_frame"], t.at[i, "end_frame"] = start, end
+            n = sum(start <= frame_number(f) <= end for f in frames)
+            if n < 2:
+                issues.append(Issue("skip", r["split"], r["sample"],
+                                    f"only {n} frame(s) between {int(start)} and {int(end)} in {r['frames_dir']}"))
+                continue
+        bad = [k for k in ("onset", "apex", "offset") if not pd.isna(r[k]) and not lo <= r[k] <= hi]
         if bad:
-            issues.append(Issue("warn", r["split"], r["sample"],
-                                f"{', '.join(bad)} outside the frames present ({lo}..{hi}); key frames ignored"))
-            for k in ("onset", "apex", "offset", "start_frame", "end_frame"):
+            kept = [k for k in ("onset", "apex", "offset") if k not in bad and not pd.isna(r[k])]
+            notes.append(f"{', '.join(f'{k} {int(r[k])}' for k in bad)} outside the frames present ({lo}..{hi}): "
+                         f"{'/'.join(bad)} ignored" + (f" ({', '.join(kept)} kept)" if kept else ""))
+            for k in bad:
                 t.at[i, k] = np.nan
+        if notes:
+            issues.append(Issue("warn", r["split"], r["sample"], "; ".join(notes)))
+    return issues
+
+
+def check_aus(t: pd.DataFrame) -> list[Issue]:
+    """AU strings with tokens the AU parser cannot read (the rest of the string is used)."""
+    from .aus import parse_aus_report
+
+    issues = []
+    for r in t[t["aus"].astype(str) != ""].itertuples():
+        _, bad = parse_aus_report(r.aus)
+        if bad:
+            issues.append(Issue("warn", r.split, r.sample, f"AU string '{r.aus}': "
+                                f"{', '.join(repr(b) for b in bad)} not understood (skipped)"))
     return issues
 
 
@@ -572,18 +626,21 @@ def resolve_issues(ds: Dataset, splits: Iterable[str] | None = None) -> Dataset:
                              index=ds.table.index)
     if skipped:
         log.warning("skipped %d row(s) with problems (listed above)", len(skipped))
-    return Dataset(ds.name, ds.root, ds.table[mask].reset_index(drop=True), ds.classes, relevant)
+    return replace(ds, table=ds.table[mask].reset_index(drop=True), issues=relevant)
 
 
-def summary(ds: Dataset) -> str:
-    """A few lines describing a loaded dataset: clips per split, classes, frame rates."""
-    lines = [f"{ds.name} at {ds.root}: {len(ds.table)} clips; classes (id order): "
-             + ", ".join(f"{i}={c}" for i, c in enumerate(ds.classes))]
-    for split in ds.splits:
-        t = ds.split(split)
-        fps = ", ".join(f"{int(k)} fps: {v}" for k, v in t["fps"].value_counts().sort_index().items())
+def summary(ds: Dataset, rows_in: int | None = None) -> str:
+    """A few lines describing a loaded dataset: clips per database and split, classes, frame rates."""
+    lines = [f"{ds.name} at {ds.root}: {len(ds.table)} clips"
+             + (f" from {rows_in} table rows ({rows_in - len(ds.table)} not used, one line each above)"
+                if rows_in is not None else "")
+             + "; classes (id order): " + ", ".join(f"{i + ds.label_base}={c}" for i, c in enumerate(ds.classes))]
+    several = ds.table["dataset"].nunique() > 1
+    for (database, split), t in ds.table.groupby(["dataset", "split"], sort=False):
+        fps = ", ".join(f"{k:g} fps: {v}" for k, v in t["fps"].value_counts().sort_index().items())
         subjects = t["subject"][t["subject"] != ""].nunique()
-        line = f"  {split}: {len(t)} clips, {f'{subjects} subjects' if subjects else 'subjects not given'} ({fps})"
+        line = (f"  {database + ' ' if several else ''}{split}: {len(t)} clips, "
+                f"{f'{subjects} subjects' if subjects else 'subjects not given'} ({fps})")
         if t["label"].notna().any():
             counts = t["label"].value_counts().sort_index()
             line += "; " + ", ".join(f"{ds.classes[int(k)]} {v}" for k, v in counts.items())
@@ -604,8 +661,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> int:
         setup_logging(args.verbose)
-        ds = resolve_issues(load_dataset(args.root, config_from_args(args)))
-        print(summary(ds))  # the summary is this command's output; problems were logged on stderr
+        ds = load_dataset(args.root, config_from_args(args))
+        rows_in = len(ds.table)
+        ds = resolve_issues(ds)
+        print(summary(ds, rows_in))  # the summary is this command's output; problems were logged on stderr
         return 0
 
     run_main(run)

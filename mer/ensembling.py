@@ -170,7 +170,8 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
     for r, (c, _, _) in zip(runs[1:], results[1:]):
         if c.samples != clips.samples:
             raise UserError(f"run {r.name} was preprocessed from a different {split} table than {runs[0].name}")
-    classes = json.loads((runs[0] / "run.json").read_text())["classes"]
+    info = run_info(runs[0])
+    classes, base = info["classes"], int(info.get("label_base", 0))
     rows = clips.manifest["row"].to_numpy()
     if not np.array_equal(rows, np.arange(len(rows))):
         raise UserError(f"the {split} cache does not hold every table row in order; rerun preprocess.py --splits {split}")
@@ -179,13 +180,14 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
     logp = combine([p for _, p, _ in results], weights, biases)
     probs = np.exp(logp - logp.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    sub = S.build(clips.samples, probs, classes)
-    S.validate(sub, clips.samples, len(classes))
+    sub = S.build(clips.samples, probs, classes, base)
+    S.validate(sub, clips.samples, len(classes), base)
     fallbacks = log_fallbacks(clips, split)
     prov = {"runs": [p for _, _, p in results], "weights": weights.tolist(),
             "biases": None if biases is None else biases.tolist(), "ensemble": ensemble, "classes": classes,
-            "cache_status": clips.manifest["status"].value_counts().to_dict(), "fallback_clips": fallbacks}
-    scored = S.score_against(sub, truth, classes) if truth else None
+            "cache_status": clips.manifest["status"].value_counts().to_dict(), "fallback_clips": fallbacks,
+            "label_base": base, "extra_training_data": declared_extra(results)}
+    scored = S.score_against(sub, truth, classes, base) if truth else None
     if scored:
         log.info("scored against %s:\n%s", truth, S.describe_scores(scored, classes))
         prov["scores"] = {m: scored[m] for m in ("uf1", "uar", "acc", "n")}
@@ -196,6 +198,15 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
     sys.stdout.write(S.to_csv(sub))  # last: an error above leaves stdout empty
     sys.stdout.flush()
     return sub
+
+
+def declared_extra(results: list[tuple]) -> list[dict]:
+    """The extra training data of every run combined, once each (what CCAC asked to declare)."""
+    seen = {}
+    for _, _, prov in results:
+        for r in prov.get("extra_training_data") or []:
+            seen.setdefault(r["cache"], {k: r.get(k) for k in ("dataset", "root", "source", "clips", "per_class", "cache")})
+    return list(seen.values())
 
 
 def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: str | None = None,

@@ -115,7 +115,8 @@ def predict_run(run_dir: str | Path, split: str, device: str = "cpu",
     report = run_dir / "report.json"
     prov = {"run": str(run_dir), "cache": str(cdir), "model": models[0].model_name,
             "models": [str(m.path) for m in models], "config_hashes": sorted({m.config_hash for m in models}),
-            "oof": json.loads(report.read_text()).get("ensemble") if report.is_file() else None}
+            "oof": json.loads(report.read_text()).get("ensemble") if report.is_file() else None,
+            "extra_training_data": info.get("extra") or []}
     return clips, probs, prov
 
 

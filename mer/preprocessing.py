@@ -138,10 +138,12 @@ class Extractor:
             raise ClipError(f"invalid frame rate {clip.fps}")
         p = self.cfg["preprocess"]
         duration = (frames.numbers[-1] - frames.numbers[0]) * 1000.0 / clip.fps
-        if duration > p["max_ms"]:
-            log.info("%s/%s: %.0f ms long, truncated to preprocess.max_ms=%.0f", clip.split, clip.sample,
-                     duration, p["max_ms"])
-        return {"fps": float(clip.fps), "frames_total": len(frames), "unreadable": 0, "frames_read": 0}
+        truncated = duration > p["max_ms"]
+        if truncated:
+            log.warning("%s/%s: %.0f ms long, truncated to preprocess.max_ms=%.0f (the rest is not used; "
+                        "manifest column truncated_from_ms)", clip.split, clip.sample, duration, p["max_ms"])
+        return {"fps": float(clip.fps), "frames_total": len(frames), "unreadable": 0, "frames_read": 0,
+                "truncated_from_ms": float(duration) if truncated else np.nan}
 
     @staticmethod
     def _reader(clip: Clip, frames: FrameSource, rec: dict):
@@ -394,7 +396,7 @@ def build_manifest(ds: Dataset, split: str, cdir: Path) -> pd.DataFrame:
     for r in ds.split(split).itertuples():
         path = C.clip_file(cdir, split, r.sample)
         rec = C.read_clip_record(path) if path.is_file() else {"status": "pending", "reason": "not processed yet"}
-        rec.update(split=split, row=r.row, sample=r.sample, subject=r.subject,
+        rec.update(split=split, row=r.row, sample=r.sample, subject=r.subject, dataset=r.dataset,
                    label=r.label if not pd.isna(r.label) else None,
                    file=str(path.relative_to(cdir)))
         rows.append({k: rec.get(k) for k in C.MANIFEST_COLUMNS})
@@ -407,6 +409,10 @@ def _log_summary(manifests: dict[str, pd.DataFrame], done_files: set[str], secon
     for split, m in manifests.items():
         counts = m["status"].value_counts().to_dict()
         log.info("%s: %s", split, ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        cut = pd.to_numeric(m["truncated_from_ms"], errors="coerce").notna().sum()
+        if cut:
+            log.warning("%s: %d clip(s) longer than preprocess.max_ms were truncated (manifest column "
+                        "truncated_from_ms)", split, cut)
         for r in m[m["status"].isin(["failed", "fallback"])].itertuples():
             log.warning("  %s %s/%s: %s", r.status, split, r.sample, r.reason)
     if done_files:
@@ -512,6 +518,7 @@ def run(root: str | Path, cfg: dict, splits: list[str] | None = None, workers: i
                     Path(root).resolve())
     save_config(cfg, cdir / "config.yaml")
     meta = {"dataset": ds.name, "root": str(Path(root).resolve()), "key": cdir.name, "classes": ds.classes,
+            "label_base": ds.label_base, "databases": sorted(set(ds.table["dataset"])),
             "rois": roi_specs(cfg["preprocess"]["rois"]),
             "channels": list(cfg["preprocess"]["channels"]), "splits": sorted(set(splits) | _cached_splits(cdir)),
             "feature_version": C.FEATURE_VERSION,

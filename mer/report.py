@@ -26,7 +26,7 @@ def read_oof(run_dir: Path) -> pd.DataFrame:
     files = sorted(Path(run_dir).glob("fold*/seed*/oof.csv"))
     if not files:
         return pd.DataFrame()
-    return pd.concat([pd.read_csv(f, dtype={"sample": str, "subject": str}) for f in files], ignore_index=True)
+    return pd.concat([pd.read_csv(f, dtype={"sample": str, "subject": str, "dataset": str}) for f in files], ignore_index=True)
 
 
 def logit_columns(df: pd.DataFrame) -> list[str]:
@@ -37,8 +37,23 @@ def ensemble_oof(oof: pd.DataFrame) -> pd.DataFrame:
     """Per sample, the mean class probabilities over the run's seeds (as predict.py combines them)."""
     cols = logit_columns(oof)
     probs = pd.DataFrame(softmax(oof[cols].to_numpy()), columns=[f"p_{c.split('_')[1]}" for c in cols])
-    probs[["sample", "subject", "label", "fold"]] = oof[["sample", "subject", "label", "fold"]].to_numpy()
-    return probs.groupby(["sample", "subject", "label", "fold"], sort=False).mean().reset_index()
+    keys = [c for c in ("sample", "subject", "dataset", "label", "fold") if c in oof]
+    probs[keys] = oof[keys].to_numpy()
+    if "dataset" in keys:
+        probs["dataset"] = probs["dataset"].fillna("").astype(str)
+    return probs.groupby(keys, sort=False).mean().reset_index()
+
+
+def per_database(ens: pd.DataFrame, pred: np.ndarray, k: int) -> dict[str, dict]:
+    """Scores of the seed ensemble on each database's clips (composite protocol), when the run
+    holds several."""
+    if "dataset" not in ens or ens["dataset"].nunique() < 2:
+        return {}
+    out = {}
+    for name, idx in ens.groupby("dataset", sort=True).indices.items():
+        s = scores(ens["label"].to_numpy()[idx].astype(int), pred[idx], k)
+        out[str(name)] = {"uf1": float(s["uf1"]), "uar": float(s["uar"]), "acc": float(s["acc"]), "n": int(len(idx))}
+    return out
 
 
 def write_report(run_dir: str | Path) -> dict:
@@ -67,11 +82,15 @@ def write_report(run_dir: str | Path) -> dict:
     ens_scores = scores(ens["label"].astype(int), ens_pred, k, class_names=classes)
     ens.assign(pred=ens_pred).to_csv(run_dir / "oof_ensemble.csv", index=False)
     ens_scores["per_class"].to_csv(run_dir / "per_class.csv", index=False)
+    by_db = per_database(ens, ens_pred, k)
+    extra = info.get("extra") or []
     summary = {
         "model": info.get("model"), "complete": complete, "folds": n_folds, "seeds": [int(s) for s in seeds],
         "n_clips": int(len(ens)),
         "ensemble": {m: float(ens_scores[m]) for m in ("uf1", "uar", "acc")},
         "per_seed": {s: {m: float(v[m]) for m in ("uf1", "uar", "acc")} for s, v in per_seed.items()},
+        "per_database": by_db,
+        "extra": extra,
     }
     (run_dir / "report.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# Run {run_dir.name}", "",
@@ -83,8 +102,17 @@ def write_report(run_dir: str | Path) -> dict:
         lines.append(f"| seed {s} | {v['uf1']:.4f} | {v['uar']:.4f} | {100 * v['acc']:.2f}% |")
     lines.append(f"| mean of the {len(seeds)} seeds' probabilities | {ens_scores['uf1']:.4f} | "
                  f"{ens_scores['uar']:.4f} | {100 * ens_scores['acc']:.2f}% |")
+    if by_db:
+        lines += ["", "Per database (seed ensemble; the row above is over all of them):", "",
+                  "| database | clips | UF1 | UAR | ACC |", "|---|---|---|---|---|"]
+        lines += [f"| {d} | {v['n']} | {v['uf1']:.4f} | {v['uar']:.4f} | {100 * v['acc']:.2f}% |" for d, v in by_db.items()]
     lines += ["", "Per class (seed ensemble):", "", ens_scores["per_class"].to_markdown(index=False, floatfmt=".3f")
               if _has_tabulate() else ens_scores["per_class"].to_string(index=False)]
+    from .extra import describe
+
+    lines += ["", "Extra training data (declared; on the training side of every fold only, never in the "
+              "held-out folds, these scores or ensemble weights):", ""] + [f"- {d}" for d in describe(extra)] \
+        if extra else ["", "Extra training data: none."]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     _plot_confusion(confusion(ens["label"].astype(int), ens_pred, k), classes, run_dir / "confusion.png",
                     f"{run_dir.name}: out-of-fold, seed ensemble\n{format_scores(ens_scores)}")

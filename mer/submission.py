@@ -24,15 +24,16 @@ from .metrics import confusion, format_scores, scores
 log = logging.getLogger("mer.submission")
 
 
-def build(samples: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """One row per sample: Filename, EmotionId (argmax) and the class probabilities."""
-    df = pd.DataFrame({"Filename": samples, "EmotionId": np.asarray(probs).argmax(1)})
+def build(samples: list[str], probs: np.ndarray, classes: list[str], base: int = 0) -> pd.DataFrame:
+    """One row per sample: Filename, EmotionId (argmax, counted from `base`: the train table's
+    first id, data.label_base) and the class probabilities."""
+    df = pd.DataFrame({"Filename": samples, "EmotionId": np.asarray(probs).argmax(1) + base})
     for k, c in enumerate(classes):
         df[f"p_{c}"] = probs[:, k]
     return df
 
 
-def validate(sub: pd.DataFrame, expected: list[str], n_classes: int) -> None:
+def validate(sub: pd.DataFrame, expected: list[str], n_classes: int, base: int = 0) -> None:
     """Exactly one row per table row, in the table's order, ids in range, no NaN."""
     if len(sub) != len(expected):
         raise UserError(f"submission has {len(sub)} rows for {len(expected)} table rows")
@@ -43,9 +44,10 @@ def validate(sub: pd.DataFrame, expected: list[str], n_classes: int) -> None:
     ids = pd.to_numeric(sub["EmotionId"], errors="coerce")
     if ids.isna().any():
         raise UserError(f"submission has empty or non-numeric EmotionId in row(s) {list(np.nonzero(ids.isna().to_numpy())[0] + 1)}")
-    bad = ~ids.between(0, n_classes - 1) | (ids != ids.round())
+    bad = ~ids.between(base, base + n_classes - 1) | (ids != ids.round())
     if bad.any():
-        raise UserError(f"submission EmotionId outside 0..{n_classes - 1} in row(s) {list(np.nonzero(bad.to_numpy())[0] + 1)}")
+        raise UserError(f"submission EmotionId outside {base}..{base + n_classes - 1} in row(s) "
+                        f"{list(np.nonzero(bad.to_numpy())[0] + 1)}")
 
 
 def code_version() -> str:
@@ -97,15 +99,16 @@ def to_csv(sub: pd.DataFrame) -> str:
     return buf.getvalue()
 
 
-def score_against(sub: pd.DataFrame, truth_path: str | Path, classes: list[str]) -> dict:
-    """Score a submission against a truth table (Filename + EmotionId or Emotion)."""
+def score_against(sub: pd.DataFrame, truth_path: str | Path, classes: list[str], base: int = 0) -> dict:
+    """Score a submission against a truth table (Filename + EmotionId or Emotion); ids in both
+    count from `base`."""
     truth = read_table(truth_path)
     cols = {c.lower().replace("_", ""): c for c in truth.columns}
     name_col = cols.get("filename") or cols.get("sample")
     if name_col is None:
         raise UserError(f"{truth_path}: needs a Filename column; found {', '.join(map(str, truth.columns))}")
     if "emotionid" in cols:
-        ids = pd.to_numeric(truth[cols["emotionid"]], errors="coerce")
+        ids = pd.to_numeric(truth[cols["emotionid"]], errors="coerce") - base
     elif "emotion" in cols:
         ids = pd.Series([classes.index(canonical_emotion(v)) if canonical_emotion(v) in classes else np.nan
                          for v in truth[cols["emotion"]]])
@@ -116,8 +119,9 @@ def score_against(sub: pd.DataFrame, truth_path: str | Path, classes: list[str])
     if missing:
         raise UserError(f"{truth_path}: no truth for {len(missing)} submission row(s), e.g. {missing[0]}")
     y = np.array([int(lookup[s]) for s in sub["Filename"]])
-    s = scores(y, sub["EmotionId"].to_numpy().astype(int), len(classes), class_names=classes)
-    s["confusion"] = confusion(y, sub["EmotionId"].to_numpy().astype(int), len(classes))
+    pred = sub["EmotionId"].to_numpy().astype(int) - base
+    s = scores(y, pred, len(classes), class_names=classes)
+    s["confusion"] = confusion(y, pred, len(classes))
     return s
 
 

@@ -56,6 +56,20 @@ class ClipData:
                         [self.features[i] for i in idx], [self.times[i] for i in idx],
                         [self.apex[i] for i in idx], self.manifest.iloc[idx].reset_index(drop=True))
 
+    def concat(self, other: "ClipData") -> "ClipData":
+        """These clips followed by `other`'s (e.g. declared extra training data)."""
+        return ClipData(self.samples + other.samples, np.concatenate([self.subjects, other.subjects]),
+                        np.concatenate([self.labels, other.labels]), self.features + other.features,
+                        self.times + other.times, self.apex + other.apex,
+                        pd.concat([self.manifest, other.manifest], ignore_index=True))
+
+    @property
+    def datasets(self) -> np.ndarray:
+        """The database of every clip ('' when the cache does not say)."""
+        if "dataset" not in self.manifest:
+            return np.full(len(self), "", object)
+        return self.manifest["dataset"].fillna("").astype(str).to_numpy()
+
 
 def channel_index(cached: list[str], wanted: list[str] | None) -> list[int]:
     """Positions of the `wanted` channels (by name) among the `cached` ones; all if None."""
@@ -261,8 +275,10 @@ def epochs_for(n_clips: int, tcfg: dict) -> int:
 
 
 def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, meta: dict,
-              out: Path, device: str, progress: bool = True, threads: int = 0) -> dict:
-    """Train one model on every fold but `fold`; write its checkpoint, metrics and OOF logits."""
+              out: Path, device: str, progress: bool = True, threads: int = 0,
+              extra: ClipData | None = None) -> dict:
+    """Train one model on every fold but `fold` (plus the `extra` clips, declared extra training
+    data: training side only); write its checkpoint, metrics and OOF logits."""
     tcfg = cfg["train"]
     done = out / "result.json"
     if done.is_file():
@@ -279,6 +295,9 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
         train_set, select_set = _inner_split(train_set, tcfg["inner_val_frac"], seed)
     elif tcfg["select"] != "last":
         raise UserError(f"train.select must be last or inner_val, got '{tcfg['select']}'")
+    n_extra = len(extra) if extra is not None else 0
+    if n_extra:  # after the inner split: extra clips never choose a checkpoint
+        train_set = train_set.concat(extra)
     norm = Normaliser.fit(train_set.features)
     perm = mirror_permutation(roi_specs(meta["rois"]))
     u_channels = [i for i, c in enumerate(meta["channels"]) if c == "u"]
@@ -342,13 +361,14 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
                   "classes": meta["classes"], "norm_scale": norm.scale, "fold": fold, "seed": seed,
                   "apex_source": cfg["model"]["apex_source"], "config_hash": stable_hash(cfg)}, out / "model.pt")
     logits = predict_logits(model, oof_set, norm, device)
-    oof = pd.DataFrame({"sample": oof_set.samples, "subject": oof_set.subjects, "label": oof_set.labels,
-                        "fold": fold, "seed": seed})
+    oof = pd.DataFrame({"sample": oof_set.samples, "subject": oof_set.subjects, "dataset": oof_set.datasets,
+                        "label": oof_set.labels, "fold": fold, "seed": seed})
     for k in range(n_classes):
         oof[f"logit_{k}"] = logits[:, k] if len(logits) else []
     oof.to_csv(out / "oof.csv.tmp", index=False)
     os.replace(out / "oof.csv.tmp", out / "oof.csv")  # other jobs' reports may be reading
-    result = {"fold": fold, "seed": seed, "n_train": len(train_set), "n_oof": len(oof_set), "epochs": epochs}
+    result = {"fold": fold, "seed": seed, "n_train": len(train_set), "n_extra": n_extra, "n_oof": len(oof_set),
+              "epochs": epochs}
     if len(oof_set):
         s = scores(oof_set.labels, logits.argmax(1), n_classes)
         result.update(uf1=s["uf1"], uar=s["uar"], acc=s["acc"])
@@ -371,8 +391,11 @@ def _inner_split(clips: ClipData, frac: float, seed: int) -> tuple[ClipData, Cli
 
 def _settings_that_shape_models(cfg: dict) -> dict:
     skip = {"run_dir", "seeds", "num_threads"}
-    return {"model": cfg["model"], "train": {k: v for k, v in cfg["train"].items() if k not in skip},
-            "preprocess": cfg["preprocess"]}
+    train = {k: v for k, v in cfg["train"].items() if k not in skip}
+    train["extra"] = list(train.get("extra") or [])  # runs from before extra data existed had none
+    if not train["extra"]:
+        train.pop("extra_class_map", None)  # means nothing without extra data
+    return {"model": cfg["model"], "train": train, "preprocess": cfg["preprocess"]}
 
 
 def _check_same_settings(run_dir: Path, cfg: dict) -> None:
@@ -402,10 +425,17 @@ def resolve_jobs(jobs: int | str, device: str, n_runs: int) -> int:
 
 
 def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: list[int] | None = None,
-                 device: str = "cpu", jobs: int | str = 1) -> Path:
-    """Train the requested folds x seeds of run `name` from the cache at `cdir`, then report."""
+                 device: str = "cpu", jobs: int | str = 1, extra: list[str | Path] | None = None) -> Path:
+    """Train the requested folds x seeds of run `name` from the cache at `cdir`, then report.
+
+    extra: declared extra training data, dataset roots or cache folders (default: train.extra),
+    added to the training side of every fold (see mer/extra.py)."""
+    from .extra import describe, load_extra
+
     meta = C.read_meta(cdir)
-    cfg = dict(cfg, preprocess=C.read_cache_config(cdir)["preprocess"])  # what made the tensors
+    extra = [str(e) for e in (cfg["train"].get("extra") or [] if extra is None else extra)]
+    cfg = dict(cfg, preprocess=C.read_cache_config(cdir)["preprocess"],  # what made the tensors
+               train={**cfg["train"], "extra": extra})
     run_dir = Path(cfg["train"]["run_dir"]) / name
     channels = list(cfg["model"]["channels"] or meta["channels"])
     clips = load_clips(cdir, "train", cfg["model"]["apex_source"], channels=channels)
@@ -424,10 +454,14 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
             raise UserError(f"--fold {fold}: this run has folds 0..{n_folds - 1}")
     seeds = list(seeds if seeds is not None else cfg["train"]["seeds"])
     _check_same_settings(run_dir, cfg)
+    extra_clips, extra_records = load_extra(extra, cfg, Path(cdir), list(meta["classes"]), cfg["model"]["apex_source"])
     save_config(cfg, run_dir / "config.yaml", cache=str(cdir))
     info = {"cache": str(Path(cdir).resolve()), "classes": meta["classes"], "rois": meta["rois"], "channels": channels}
     (run_dir / "run.json").write_text(json.dumps({**info, "dataset": meta.get("dataset"), "root": meta.get("root"),
-                                                  "model": cfg["model"]["name"]}, indent=1))
+                                                  "label_base": meta.get("label_base", 0),
+                                                  "model": cfg["model"]["name"], "extra": extra_records}, indent=1))
+    for line in describe(extra_records):
+        log.info("extra training data (training side of every fold only): %s", line)
     pairs = [(f, s) for f in todo_folds for s in seeds]
     jobs = resolve_jobs(jobs, device, len(pairs))
     threads = int(cfg["train"]["num_threads"]) or (max(1, cpu_count() // jobs) if jobs > 1 else 0)
@@ -435,14 +469,14 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
              len(clips), n_folds, cfg["train"]["protocol"], seeds, cfg["model"]["name"], device, jobs)
     args = [(clips, folds, f, s, cfg, info, run_dir / f"fold{f}" / f"seed{s}", device) for f, s in pairs]
     if jobs == 1:
-        results = [train_one(*a, progress=True, threads=threads) for a in args]
+        results = [train_one(*a, progress=True, threads=threads, extra=extra_clips) for a in args]
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
 
         results = []
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(train_one, *a, progress=False, threads=threads) for a in args]
+            futures = [pool.submit(train_one, *a, progress=False, threads=threads, extra=extra_clips) for a in args]
             for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="models", unit="model",
                             file=sys.stderr, dynamic_ncols=True):
                 results.append(fut.result())

@@ -3,6 +3,7 @@
 import logging
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -133,15 +134,15 @@ def test_labels_outside_class_map_are_skipped(tiny_dfme):
     assert any("[skip] train/a_2: label 9 is outside the class ids 0..6" in m for m in msgs)
 
 
-def test_key_frames_outside_frames_present_are_ignored_not_invented(tiny_dfme):
+def test_key_frames_outside_frames_present_are_ignored_one_by_one_not_invented(tiny_dfme):
     t = pd.read_excel(tiny_dfme / "train.xlsx")
     t.loc[0, "OffsetFrame"] = 40
     t.to_excel(tiny_dfme / "train.xlsx", index=False)
     ds = load(tiny_dfme)
-    assert any("[warn] train/a_1: offset 40 outside the frames present (1..6); key frames ignored" in m
-               for m in messages(ds))
+    assert ("[warn] train/a_1: offset 40 outside the frames present (1..6): offset ignored (onset, apex kept)"
+            in messages(ds))
     row = resolve_issues(ds).table.iloc[0]
-    assert row["sample"] == "a_1" and pd.isna(row["onset"]) and pd.isna(row["offset"])
+    assert row["sample"] == "a_1" and pd.isna(row["offset"]) and row["onset"] == 1 and row["apex"] == 3
 
 
 def test_subject_in_two_splits_is_fatal(tiny_dfme):
@@ -156,34 +157,6 @@ def test_missing_frame_rate_in_test_is_fatal(tiny_dfme):
     pd.DataFrame({"Filename": ["c_1", "c_2"], "FPS": [300, None]}).to_csv(tiny_dfme / "test_A.csv", index=False)
     ds = load(tiny_dfme)
     assert any("[fatal] test_A/c_2: no frame rate (add an FPS column or set data.fps)" in m for m in messages(ds))
-
-
-def _casme3_tree(root):
-    rows = [("spNO.1", "a", 1, 3, 5, "4+7", "anger"), ("spNO.1", "b", 2, 4, 6, "12", "happy"),
-            ("spNO.2", "a", 1, 2, 4, "1+2", "surprise"), ("spNO.2", "c", 1, 2, 4, "", "others"),
-            ("spNO.3", "d", 3, 4, 6, "1+4+15", "sad")]
-    df = pd.DataFrame(rows, columns=["Subject", "Filename", "Onset", "Apex", "Offset", "AU", "emotion"])
-    df.insert(6, "Objective class", 1)
-    root.mkdir()
-    df.to_excel(root / "cas(me)3_part_A_ME_label.xlsx", index=False)
-    for s, f, *_ in rows:
-        write_frames(root / s / f / "color", 8, start=0, ext=".jpg", digits=1)
-
-
-def test_casme3_protocols(tmp_path):
-    root = tmp_path / "CASME3"
-    _casme3_tree(root)
-    ds7 = load(root)
-    assert ds7.name == "casme3-7class" and ds7.issues == []
-    t = ds7.table
-    assert list(t["sample"]) == ["spNO.1_a", "spNO.1_b", "spNO.2_a", "spNO.2_c", "spNO.3_d"]
-    assert list(t["emotion"]) == ["anger", "happiness", "surprise", "others", "sadness"]
-    assert list(t["start_frame"]) == [1, 2, 1, 1, 3] and list(t["end_frame"]) == [5, 6, 4, 4, 6]
-    assert t["frames_dir"].str.endswith("color").all() and (t["fps"] == 30).all()
-    ds3 = load(root, "data.protocol=3class")
-    assert ds3.classes == ["negative", "positive", "surprise"]
-    assert list(ds3.table["emotion"]) == ["negative", "positive", "surprise", "negative"]  # others dropped
-    assert list(ds3.table["label"]) == [0, 1, 2, 0]
 
 
 def test_generic_manifest(tmp_path):
@@ -217,9 +190,40 @@ def test_single_column_csv_and_leading_zeros_are_kept(tiny_dfme):
     assert list(load(tiny_dfme, "data.fps=300").split("test_B")["sample"]) == ["0007"]
 
 
-def test_one_based_emotion_ids_are_refused(tiny_dfme):
+def test_one_based_emotion_ids_are_refused_until_the_base_is_declared(tiny_dfme):
     t = pd.read_excel(tiny_dfme / "train.xlsx")
+    t["EmotionId"] = [5, 7, 3, 1]  # happiness, surprise, disgust, anger counted from 1
+    t.to_excel(tiny_dfme / "train.xlsx", index=False)
+    with pytest.raises(UserError, match=r"EmotionId runs 1..7: declare the base with --set data.label_base=1"):
+        load(tiny_dfme)
+    ds = load(tiny_dfme, "data.label_base=1")
+    assert list(ds.split("train")["emotion"]) == ["happiness", "surprise", "disgust", "anger"]
+    assert ds.label_base == 1
+
+
+def test_ids_only_table_counted_from_one_is_not_shifted_silently(tiny_dfme):
+    t = pd.read_excel(tiny_dfme / "train.xlsx").drop(columns=["Emotion"])
     t["EmotionId"] = [5, 7, 3, 1]
     t.to_excel(tiny_dfme / "train.xlsx", index=False)
-    with pytest.raises(UserError, match="EmotionId runs 1..7, but ids must start at 0"):
+    with pytest.raises(UserError, match=r"EmotionId runs 1..7 and there is no emotion name column: declare the base "
+                                        r"with --set data.label_base=1 .* or --set data.label_base=0"):
         load(tiny_dfme)
+    one = load(tiny_dfme, "data.label_base=1")
+    assert list(one.split("train")["label"]) == [4, 6, 2, 0] and one.label_base == 1
+    assert list(one.split("train")["emotion"]) == ["happiness", "surprise", "disgust", "anger"]
+    zero = load(tiny_dfme, "data.label_base=0")  # declared 0-based: id 7 is outside the class map
+    assert "[skip] train/a_2: label 7 is outside the class ids 0..6" in messages(zero)
+    assert list(zero.split("train")["label"])[::2] == [5, 3]
+    with pytest.raises(UserError, match="data.label_base must be auto, 0 or 1"):
+        load(tiny_dfme, "data.label_base=2")
+
+
+def test_submission_ids_follow_the_declared_base():
+    from mer.submission import build, validate
+
+    probs = np.eye(3)[[2, 0, 1]]
+    sub = build(["x", "y", "z"], probs, ["a", "b", "c"], base=1)
+    assert list(sub["EmotionId"]) == [3, 1, 2]
+    validate(sub, ["x", "y", "z"], 3, base=1)
+    with pytest.raises(UserError, match=r"outside 0..2"):
+        validate(sub, ["x", "y", "z"], 3)

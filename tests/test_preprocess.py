@@ -95,6 +95,18 @@ def test_same_clip_at_200_and_500_fps_agrees_on_the_ms_grid(tmp_path):
         assert abs(a.max() - b.max()) < 0.25 * max(a.max(), b.max())
 
 
+def test_a_clip_cut_at_max_ms_is_a_warning_and_a_manifest_column(tmp_path, caplog):
+    clip, truth = render(tmp_path, [12], fps=200)
+    cfg = work_config(tmp_path, **{"preprocess.max_ms": 150.0})
+    with caplog.at_level("WARNING"):
+        res = Extractor(cfg).process(clip)
+    full = (len(truth["times_ms"]) - 1) * 1000.0 / 200
+    assert float(res["truncated_from_ms"]) == pytest.approx(full) and res["times_ms"][-1] <= 150
+    assert "ms long, truncated to preprocess.max_ms=150" in caplog.text
+    assert "truncated_from_ms" in C.MANIFEST_COLUMNS
+    assert np.isnan(Extractor(work_config(tmp_path)).process(clip)["truncated_from_ms"])  # not cut: empty
+
+
 def test_grid_uses_frame_numbers_so_gaps_keep_time():
     numbers = np.array([1, 2, 3, 4, 8, 9, 10, 11, 12, 13], float)  # frames 5-7 missing
     pos, times = grid_frames(numbers, 100.0, 20.0, 1e9)
