@@ -18,7 +18,6 @@ from mer.augment import mirror
 from mer.cli import UserError
 from mer.face import template_landmarks
 from mer.features import MIRROR_68, RoiPooler, mirror_permutation, roi_boxes, roi_specs
-from mer.flow import optical_strain
 from mer.training import ClipData, load_clips, make_folds, train_one, load_or_make_folds
 
 
@@ -88,7 +87,7 @@ def test_mirror_augmentation_equals_features_of_the_mirrored_face():
 
     def features(fl, landmarks):
         layout = roi_boxes(landmarks, specs, size, 0.05, [28, 29, 30])
-        return RoiPooler(layout.boxes, size, 0.25, channels)(fl, optical_strain(fl))[None]
+        return RoiPooler(layout.boxes, size, 0.25, channels)(fl)[None]
 
     clip = {"features": features(flow, lm), "times_ms": np.zeros(1, np.float32)}
     augmented = mirror(clip, mirror_permutation(specs), [0])["features"]
