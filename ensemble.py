@@ -6,7 +6,7 @@ predictions, predict a test split and print the submission CSV.
 
 import argparse
 
-from mer.cli import add_submission_args, config_from_args, resolve_device, run_main, setup_logging
+from mer.cli import add_submission_args, config_from_args, run_main, setup_logging
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
         from mer.ensembling import run_ensemble
 
         setup_logging(args.verbose)
-        run_ensemble(config_from_args(args), args.runs, args.split, resolve_device(args.device), args.truth,
+        run_ensemble(config_from_args(args), args.runs, args.split, args.device, args.truth,
                      not args.no_archive, args.cache)
 
     run_main(go)

@@ -9,7 +9,7 @@ stdout carries only the CSV (Filename,EmotionId); logs go to stderr. The upload 
 
 import argparse
 
-from mer.cli import add_submission_args, config_from_args, resolve_device, run_main, setup_logging
+from mer.cli import add_submission_args, config_from_args, run_main, setup_logging
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
 
         setup_logging(args.verbose)
         cfg = config_from_args(args)
-        predict_and_submit(cfg, args.name, args.split, resolve_device(args.device), truth=args.truth,
+        predict_and_submit(cfg, args.name, args.split, args.device, truth=args.truth,
                            archive_files=not args.no_archive, cache=args.cache)
 
     run_main(go)

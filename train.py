@@ -9,7 +9,7 @@
 
 import argparse
 
-from mer.cli import add_config_args, add_device_arg, config_from_args, resolve_device, run_main, setup_logging
+from mer.cli import add_config_args, add_device_arg, config_from_args, run_main, setup_logging
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         if args.extra:
             cfg["train"]["extra"] = list(args.extra)
         name = args.name or cfg["model"]["name"]
-        device = resolve_device(args.device)
+        device = args.device
         if args.explain:
             from mer.explain import explain
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .cli import UserError
+from .errors import UserError
 from .config import stable_hash
 
 log = logging.getLogger("mer.cache")
@@ -26,7 +26,7 @@ log = logging.getLogger("mer.cache")
 FEATURE_VERSION = 2  # bump when the preprocessing code changes what it computes (2: anti-aliased crop, IRLS head fit)
 MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "reason", "fps",
                     "frames_total", "frames_read", "unreadable", "steps", "duration_ms",
-                    "landmark_conf", "detect_frame", "head_motion", "reanchors", "apex_motion_frame",
+                    "landmark_conf", "detect_frame", "faces", "head_motion", "reanchors", "apex_motion_frame",
                     "apex_annotated_frame", "seconds", "file", "dataset", "truncated_from_ms"]
 
 
@@ -76,22 +76,23 @@ def save_clip(path: Path, arrays: dict) -> None:
         raise
 
 
-def load_clip(path: str | Path) -> dict:
-    """All arrays of one cached clip; a missing or corrupt file is an error naming it."""
+def load_clip(path: str | Path, small_only: bool = False) -> dict:
+    """All arrays of one cached clip (small_only: only those stored in under 1 KB, i.e. the status
+    fields, without reading the tensors); a missing or corrupt file is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"cache file missing: {path} (run preprocess.py for this dataset and split)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            keys = [k for k in z.files if not small_only or z.zip.getinfo(f"{k}.npy").file_size < 1024]
+            return {k: z[k] for k in keys}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
         raise UserError(f"cache file corrupt: {path} ({e}); delete it and rerun preprocess.py") from None
 
 
 def read_clip_record(path: Path) -> dict:
-    """The scalar status fields of a cached clip (for the manifest)."""
-    z = load_clip(path)
-    return {k: (v.item() if v.ndim == 0 else None) for k, v in z.items() if v.ndim == 0}
+    """The scalar status fields of a cached clip (for the manifest), read without the tensors."""
+    return {k: v.item() for k, v in load_clip(path, small_only=True).items() if v.ndim == 0}
 
 
 def write_meta(cdir: Path, meta: dict) -> None:

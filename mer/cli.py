@@ -9,12 +9,10 @@ import sys
 from typing import Callable
 
 from .config import ConfigError, load_config
+from .devices import parse_device
+from .errors import UserError
 
 log = logging.getLogger("mer")
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad input, missing files): reported as one line, exit code 2."""
 
 
 def cpu_count() -> int:
@@ -31,8 +29,17 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-def add_device_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+def device_arg(text: str) -> str:
+    """argparse type for --device: a checked device string, or a usage error (exit 2) at once."""
+    try:
+        return parse_device(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_device_arg(parser: argparse.ArgumentParser, what: str = "models run") -> None:
+    parser.add_argument("--device", default="auto", type=device_arg,
+                        help=f"where {what}: auto (CUDA when visible) | cpu | cuda | cuda:N")
 
 
 def add_submission_args(parser: argparse.ArgumentParser) -> None:
@@ -59,19 +66,6 @@ def setup_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
-
-
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but torch sees no CUDA device (install a CUDA build of torch, see README)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got '{name}'")
-    return name
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .cli import UserError
+from .errors import UserError
 
 log = logging.getLogger("mer.data")
 
@@ -108,6 +108,7 @@ class Dataset:
     classes: list[str]
     issues: list[Issue] = field(default_factory=list)
     label_base: int = 0  # the id of the first class in the train table (and in submissions)
+    listing: dict[str, list[str]] = field(default_factory=dict, repr=False)  # folder -> file names, if walked
 
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table["split"] == name]
@@ -125,14 +126,17 @@ def frame_number(path: str | Path) -> int | None:
     return int(nums[-1]) if nums else None
 
 
-def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpeg", ".bmp")) -> list[Path]:
-    """Image files of a folder sorted by their frame number (not lexically: 2 < 10)."""
+def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpeg", ".bmp"),
+                names: Iterable[str] | None = None) -> list[Path]:
+    """Image files of a folder sorted by their frame number (not lexically: 2 < 10).
+
+    names: the folder's file names when they are already known (from the walk that indexed the
+    tree), so that a folder is never listed twice."""
     exts = {e.lower() for e in exts}
     folder = Path(folder)
-    files = [
-        Path(e.path) for e in os.scandir(folder)
-        if e.is_file() and Path(e.name).suffix.lower() in exts and frame_number(e.name) is not None
-    ]
+    if names is None:
+        names = [e.name for e in os.scandir(folder) if e.is_file()]
+    files = [folder / n for n in names if Path(n).suffix.lower() in exts and frame_number(n) is not None]
     return sorted(files, key=lambda p: (frame_number(p), p.name))
 
 
@@ -152,10 +156,14 @@ def walk(root: Path, max_depth: int | None = None) -> Iterable[tuple[str, list[s
         yield dirpath, dirnames, filenames
 
 
-def index_folders(root: Path) -> dict[str, list[Path]]:
-    """Map every folder name under `root` to the folders of that name (samples may be nested)."""
+def index_folders(root: Path, listing: dict[str, list[str]] | None = None) -> dict[str, list[Path]]:
+    """Map every folder name under `root` to the folders of that name (samples may be nested).
+
+    listing: filled with each folder's file names on the way (the same walk), for check_frames."""
     index: dict[str, list[Path]] = {}
-    for dirpath, dirnames, _ in walk(root):
+    for dirpath, dirnames, filenames in walk(root):
+        if listing is not None and filenames:
+            listing[str(Path(dirpath))] = filenames
         for d in dirnames:
             index.setdefault(d, []).append(Path(dirpath) / d)
     return index
@@ -409,8 +417,8 @@ def _assign_labels(t: pd.DataFrame, classes: list[str], issues: list[Issue], pro
     return t
 
 
-def _attach_frames(t: pd.DataFrame, root: Path, issues: list[Issue]) -> pd.DataFrame:
-    index = index_folders(root)
+def _attach_frames(t: pd.DataFrame, root: Path, issues: list[Issue], listing: dict | None = None) -> pd.DataFrame:
+    index = index_folders(root, listing)
     dirs = []
     for _, r in t.iterrows():
         folder, why = _find_folder(r["sample"], r["split"], index)
@@ -458,8 +466,9 @@ def read_dfme(root: str | Path, cfg: dict) -> Dataset:
     if dcfg.get("fps"):
         t["fps"] = t["fps"].fillna(float(dcfg["fps"]))
     t = _assign_labels(t, classes, issues)
-    t = _attach_frames(t, root, issues)
-    return Dataset("dfme", root, _finish(t), classes, issues, label_base=base)
+    listing: dict[str, list[str]] = {}
+    t = _attach_frames(t, root, issues, listing)
+    return Dataset("dfme", root, _finish(t), classes, issues, label_base=base, listing=listing)
 
 
 def read_manifest(path: str | Path, cfg: dict) -> Dataset:
@@ -515,7 +524,8 @@ def load_dataset(root: str | Path, cfg: dict, check_disk: bool = True) -> Datase
         raise UserError(f"data.dataset must be auto or one of {', '.join(READERS)}, got '{kind}'")
     ds = READERS[kind](root, cfg)
     if check_disk:
-        ds.issues += check_frames(ds.table, cfg["data"]["image_exts"])
+        ds.issues += check_frames(ds.table, cfg["data"]["image_exts"], ds.listing)
+        ds.listing.clear()  # each clip's frames are in the table now (frame_files)
     ds.issues += check_table(ds.table)
     ds.issues += check_aus(ds.table)
     return ds
@@ -547,17 +557,24 @@ def check_table(t: pd.DataFrame) -> list[Issue]:
     return issues
 
 
-def check_frames(t: pd.DataFrame, exts: Iterable[str]) -> list[Issue]:
+def check_frames(t: pd.DataFrame, exts: Iterable[str], listing: dict[str, list[str]] | None = None) -> list[Issue]:
     """Problems on disk: empty folders, clips and key frames outside the frames present.
 
     A clip inside a longer recording (start/end frames) that runs past the frames present is cut to
     them, one that is not there at all is skipped; a key frame outside the frames present is ignored
-    on its own (the others are kept). Each row gets at most one line saying what was done."""
+    on its own (the others are kept). Each row gets at most one line saying what was done.
+
+    Each row's frame file names go to column `frame_files`, so preprocessing does not list the
+    folder again; `listing` (folder -> file names, from the walk that found the folders) spares
+    listing it even once here."""
     issues = []
+    listing = listing or {}
+    t["frame_files"] = None
     for i, r in t.iterrows():
         if not r["frames_dir"]:
             continue
-        frames = list_frames(r["frames_dir"], exts)
+        frames = list_frames(r["frames_dir"], exts, listing.get(str(Path(r["frames_dir"]))))
+        t.at[i, "frame_files"] = tuple(f.name for f in frames)
         if not frames:
             issues.append(Issue("missing", r["split"], r["sample"], f"no image frames in {r['frames_dir']}"))
             t.at[i, "frames_dir"] = ""

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .cli import UserError
+from .errors import UserError
 from .data import (
     SPLITS, Dataset, Issue, _assign_labels, _finish, _norm_col, _rows_from_table, _split_pattern, canonical_emotion,
     index_folders, match_columns, read_dfme, read_manifest, read_table, tables_under,

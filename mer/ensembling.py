@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cli import UserError
+from .errors import UserError
 from .metrics import scores
 from .predicting import log_fallbacks, predict_run, run_info
 from .report import ensemble_oof, read_oof

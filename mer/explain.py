@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cli import UserError
+from .errors import UserError
 from .predicting import load_models
 from .training import Normaliser, collate, load_clips
 

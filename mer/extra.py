@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cache as C
-from .cli import UserError
+from .errors import UserError
 from .data import canonical_emotion
 
 log = logging.getLogger("mer.train")

@@ -13,11 +13,33 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .cli import UserError
+from typing import NamedTuple
+
+from .errors import UserError
 
 INNER_EYE_CORNERS = (39, 42)   # subject's right eye inner corner, left eye inner corner
 OUTER_EYE_CORNERS = (36, 45)
 FAN_FILES = ("2DFAN4-11f355bf06.pth.tar", "s3fd-619a316812.pth")
+
+
+class Detection(NamedTuple):
+    """The landmarks of the face chosen in a frame, its detector score and how many faces were seen."""
+
+    landmarks: np.ndarray  # (68, 2) x, y in frame px
+    score: float
+    faces: int = 1
+
+
+def choose_face(boxes: np.ndarray, shape: tuple[int, ...]) -> int:
+    """Index of the face to use among `boxes` (x0, y0, x1, y1): the largest, with faces away from
+    the frame centre counting less (a subject sits in front of the camera; bystanders and posters
+    are smaller or off-centre). The same frame always gives the same choice."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    area = (b[:, 2] - b[:, 0]).clip(0) * (b[:, 3] - b[:, 1]).clip(0)
+    h, w = shape[:2]
+    centre = np.stack([(b[:, 0] + b[:, 2]) / 2 / w - 0.5, (b[:, 1] + b[:, 3]) / 2 / h - 0.5], 1)
+    off = np.hypot(*centre.T) / np.hypot(0.5, 0.5)  # 0 at the centre, 1 in a corner
+    return int(np.argmax(area * (1.0 - 0.5 * off)))
 
 
 def dlib_model_path() -> Path:
@@ -44,8 +66,8 @@ class DlibLandmarks:
         self.detect_width = detect_width
         self._dlib = dlib
 
-    def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, float] | None:
-        """(68x2 landmarks, detector score) of the most confident face, or None."""
+    def __call__(self, gray: np.ndarray) -> Detection | None:
+        """The landmarks of the chosen face (`choose_face`), or None."""
         factor = max(1.0, gray.shape[1] / self.detect_width)
         for f in dict.fromkeys([factor, 1.0]):  # small image first; full size if that finds nothing
             img = gray if f == 1.0 else cv2.resize(
@@ -55,12 +77,12 @@ class DlibLandmarks:
                 break
         if len(rects) == 0:
             return None
-        best = int(np.argmax([r.area() * (1 + s) for r, s in zip(rects, scores)]))
+        best = choose_face(np.array([[r.left(), r.top(), r.right(), r.bottom()] for r in rects]), img.shape)
         r = rects[best]
         rect = self._dlib.rectangle(round(r.left() * f), round(r.top() * f), round(r.right() * f), round(r.bottom() * f))
         shape = self.predictor(gray, rect)
         pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
-        return pts, float(scores[best])
+        return Detection(pts, float(scores[best]), len(rects))
 
 
 class FanLandmarks:
@@ -82,14 +104,16 @@ class FanLandmarks:
         self.model = face_alignment.FaceAlignment(
             face_alignment.LandmarksType.TWO_D, device=device, flip_input=False, compile=False)
 
-    def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, float] | None:
+    def __call__(self, gray: np.ndarray) -> Detection | None:
+        """The landmarks of the chosen face (`choose_face` on the landmarks' extent), or None."""
         rgb = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
         out = self.model.get_landmarks_from_image(rgb, return_landmark_score=True)
         preds, scores = out[0], out[1]
         if not preds:
             return None
-        best = int(np.argmax([float(np.mean(s)) for s in scores]))
-        return np.asarray(preds[best][:, :2], np.float32), float(np.mean(scores[best]))
+        boxes = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in preds])
+        best = choose_face(boxes, gray.shape)
+        return Detection(np.asarray(preds[best][:, :2], np.float32), float(np.mean(scores[best])), len(preds))
 
 
 def make_landmarker(name: str, upsample: int = 0, device: str = "cpu", detect_width: int = 320):

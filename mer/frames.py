@@ -48,9 +48,10 @@ class FolderFrames:
 
     @classmethod
     def of(cls, folder: str | Path, exts=(".png", ".jpg", ".jpeg", ".bmp"), start: float = np.nan,
-           end: float = np.nan) -> "FolderFrames":
-        """The frames of `folder`, limited to frame numbers start..end when both are given."""
-        paths = list_frames(folder, exts)
+           end: float = np.nan, names: tuple[str, ...] | None = None) -> "FolderFrames":
+        """The frames of `folder`, limited to frame numbers start..end when both are given;
+        names: its file names if already listed (else the folder is listed)."""
+        paths = list_frames(folder, exts, names)
         numbers = np.array([frame_number(f) for f in paths], np.float64)
         if not np.isnan(start) and not np.isnan(end):
             keep = (numbers >= start) & (numbers <= end)

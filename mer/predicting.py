@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from . import cache as C
-from .cli import UserError
+from .errors import UserError
 from .models import build_model
 from .report import softmax
 from .training import ClipData, Normaliser, load_clips, predict_logits

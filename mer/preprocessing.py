@@ -7,7 +7,6 @@ and decoding only the frames the millisecond grid needs.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,12 +18,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import cache as C
-from .cli import UserError
+from .errors import UserError
 from .data import TEST_SPLITS, Dataset
-from .face import Cropper, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
+from .face import Cropper, Detection, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
 from .features import HeadMotion, Motion, RoiPooler, grid_frames, roi_boxes, roi_specs
 from .flow import make_flow, optical_strain
 from .frames import FolderFrames, FrameSource
+from .workers import Lost, run_jobs
 
 log = logging.getLogger("mer.preprocess")
 
@@ -45,6 +45,7 @@ class Clip:
     end_frame: float = np.nan
     apex: float = np.nan
     exts: tuple = (".png", ".jpg", ".jpeg", ".bmp")
+    files: tuple[str, ...] | None = None  # the folder's frame file names, listed once when the data was read
 
     @property
     def is_test(self) -> bool:
@@ -112,11 +113,14 @@ class Extractor:
         `frames`: where to read the clip's frames (default: the image files of clip.frames_dir)."""
         t0 = time.process_time()
         if frames is None:
-            frames = FolderFrames.of(clip.frames_dir, clip.exts, clip.start_frame, clip.end_frame)
+            frames = FolderFrames.of(clip.frames_dir, clip.exts, clip.start_frame, clip.end_frame, clip.files)
         rec = self._check(clip, frames)
         read = self._reader(clip, frames, rec)
         ref_pos, ref_img = self._reference(read, len(frames))
-        face = self._face(clip, frames, read, ref_pos, ref_img, rec)
+        pos, img, found = self._find_face(clip, frames, read, ref_pos, ref_img, rec)
+        if found is not None and pos != ref_pos:  # the face came later: motion is measured from there
+            ref_pos, ref_img = pos, img
+        face = self._face(clip, ref_img, found, rec)
         track = self._track(clip, frames, read, ref_pos, ref_img, face, rec)
         out = self._outputs(clip, frames, read, ref_img, face, track)
         rec.update({
@@ -167,38 +171,74 @@ class Extractor:
                 return i, img
         raise ClipError("the first frames are unreadable")
 
-    def _face(self, clip: Clip, frames: FrameSource, read, ref_pos: int, ref_img: np.ndarray, rec: dict) -> "Face":
-        """Landmarks on the reference frame (else the following frames), the crop and the ROI layout.
+    def _find_face(self, clip: Clip, frames: FrameSource, read, ref_pos: int, ref_img: np.ndarray,
+                   rec: dict) -> tuple[int, np.ndarray | None, Detection | None]:
+        """The first frame with a face: the reference frame and the next `detect_frames`, then
+        `detect_sparse` frames spread over the rest of the clip and, where one of those has a face,
+        a bisection back to the first frame that has it (a face entering the picture late).
+        Returns (position, frame, detection), detection None if no face was found."""
+        p = self.cfg["preprocess"]
+        n = len(frames)
+        cache: dict[int, tuple[np.ndarray | None, Detection | None]] = {}
+
+        def look(i: int) -> Detection | None:
+            if i not in cache:
+                img = ref_img if i == ref_pos else read(i)
+                cache[i] = (img, self.landmarker(img) if img is not None else None)
+            return cache[i][1]
+
+        dense = list(range(ref_pos, min(n, ref_pos + max(1, p["detect_frames"]))))
+        hit = next((i for i in dense if look(i) is not None), None)
+        if hit is None and dense[-1] + 1 < n and p["detect_sparse"] > 0:
+            sparse = np.unique(np.linspace(dense[-1] + 1, n - 1, int(p["detect_sparse"])).round().astype(int))
+            before = dense[-1]
+            for i in sparse:
+                if look(int(i)) is not None:
+                    lo, hi = before, int(i)  # no face at lo, a face at hi
+                    while hi - lo > 1:
+                        mid = (lo + hi) // 2
+                        lo, hi = (lo, mid) if look(mid) is not None else (mid, hi)
+                    hit = hi
+                    break
+                before = int(i)
+        if hit is None:
+            rec["detect_frame"] = -1
+            return ref_pos, ref_img, None
+        img, found = cache[hit]
+        rec["detect_frame"] = int(frames.numbers[hit])
+        if hit != ref_pos:
+            log.info("%s/%s: no face before frame %s; motion is measured from there", clip.split, clip.sample,
+                     frames.name(hit))
+        if found.faces > 1:
+            log.info("%s/%s: %d faces in frame %s; using the largest, most central one", clip.split, clip.sample,
+                     found.faces, frames.name(hit))
+        rec["faces"] = found.faces
+        return hit, img, found
+
+    def _face(self, clip: Clip, ref_img: np.ndarray, found: Detection | None, rec: dict) -> "Face":
+        """The crop and the ROI layout from the detected landmarks.
 
         A train clip without a face fails; a test clip gets a centred box (status 'fallback')."""
         p = self.cfg["preprocess"]
-        found = None
-        for i in range(ref_pos, min(len(frames), ref_pos + max(1, p["detect_frames"]))):
-            img = ref_img if i == ref_pos else read(i)
-            if img is None:
-                continue
-            found = self.landmarker(img)
-            if found is not None:
-                rec["detect_frame"] = int(frames.numbers[i])
-                break
+        where = f"{p['detect_frames']} first frames and {p['detect_sparse']} more spread over the clip"
         fsize = p["flow_size"]
         status, reason = "ok", ""
         if found is not None:
             try:
-                m = crop_matrix(found[0], fsize, p["crop_scale"], p["crop_center_y"])
-                landmarks, conf = found
+                m = crop_matrix(found.landmarks, fsize, p["crop_scale"], p["crop_center_y"])
+                landmarks, conf = found.landmarks, found.score
             except ValueError:  # degenerate landmarks: as good as no face
                 found = None
         if found is None and clip.is_test:
             status = "fallback"
-            reason = f"no face found in the first {p['detect_frames']} frames: centred box, template landmarks"
+            reason = f"no face found in the {where}: centred box, template landmarks"
             m = centred_matrix(ref_img.shape, fsize)
             landmarks = transform_points(cv2.invertAffineTransform(m),
                                          template_landmarks(fsize, p["crop_scale"], p["crop_center_y"]))
             conf = 0.0
             rec["detect_frame"] = -1
         elif found is None:
-            raise ClipError(f"no face found in the first {p['detect_frames']} frames")
+            raise ClipError(f"no face found in the {where}")
         rec["landmark_conf"] = float(conf)
         crop_lm = transform_points(m, landmarks)
         layout = roi_boxes(crop_lm, self.specs, fsize, p["roi_size"], p["nose_landmarks"])
@@ -314,10 +354,18 @@ class Extractor:
 _WORKER: Extractor | None = None
 
 
-def _init_worker(cfg: dict) -> None:
+def _init_worker(cfg: dict, device: str = "cpu") -> None:
     global _WORKER
     cv2.setNumThreads(1)
-    _WORKER = Extractor(cfg)
+    _WORKER = Extractor(cfg, device)
+
+
+def start_method(cfg: dict, device: str) -> str:
+    """How preprocessing workers start: 'fork' (cheap) unless a worker will use CUDA (FAN on a
+    GPU: CUDA cannot run in a forked child) or the platform forks badly (macOS)."""
+    if (cfg["preprocess"]["landmarks"] == "fan" and device.startswith("cuda")) or sys.platform == "darwin":
+        return "spawn"
+    return "fork"
 
 
 def _run_one(job: tuple[Clip, str]) -> tuple[str, str, str]:
@@ -343,9 +391,11 @@ def _failed(path: Path) -> bool:
 
 
 def clips_of(ds: Dataset, splits: list[str], exts) -> list[Clip]:
+    t = ds.table[ds.table["split"].isin(splits)]
+    files = t["frame_files"] if "frame_files" in t else [None] * len(t)
     return [Clip(r.split, r.sample, r.frames_dir, float(r.fps), float(r.start_frame), float(r.end_frame),
-                 float(r.apex), tuple(exts))
-            for r in ds.table[ds.table["split"].isin(splits)].itertuples()]
+                 float(r.apex), tuple(exts), f if isinstance(f, tuple) else None)
+            for r, f in zip(t.itertuples(), files)]
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -360,9 +410,12 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def preprocess(ds: Dataset, cfg: dict, splits: list[str], cdir: Path, workers: int = 1,
-               force: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, pd.DataFrame]:
-    """Cache every clip of `splits` (skipping those already cached), then write the manifests."""
+def preprocess(ds: Dataset, cfg: dict, splits: list[str], cdir: Path, *, workers: int = 1, force: bool = False,
+               shard: tuple[int, int] = (0, 1), device: str = "cpu") -> dict[str, pd.DataFrame]:
+    """Cache every clip of `splits` (skipping those already cached), then write the manifests.
+
+    A worker that dies on a clip (killed, crashed) costs only that clip: it is recorded as failed
+    with the reason, a new worker takes over, and the next run retries it."""
     cv2.setNumThreads(1)
     clips = clips_of(ds, splits, cfg["data"]["image_exts"])
     clips = [c for k, c in enumerate(clips) if k % shard[1] == shard[0]]
@@ -375,12 +428,15 @@ def preprocess(ds: Dataset, cfg: dict, splits: list[str], cdir: Path, workers: i
     if todo:
         bar = tqdm(total=len(todo), desc="preprocess", unit="clip", file=sys.stderr, dynamic_ncols=True)
         if workers > 1:
-            ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-                for _ in pool.imap_unordered(_run_one, todo, chunksize=1):
-                    bar.update()
+            for job, result in run_jobs(_run_one, todo, workers, _init_worker, (cfg, device),
+                                        start_method(cfg, device)):
+                if isinstance(result, Lost):  # the worker died on this clip: record it, retried next run
+                    clip, path = job
+                    C.save_clip(Path(path), {"status": np.asarray("failed"), "reason": np.asarray(result.reason),
+                                             "fps": np.asarray(float(clip.fps) if clip.fps else np.nan)})
+                bar.update()
         else:
-            _init_worker(cfg)
+            _init_worker(cfg, device)
             for job in todo:
                 _run_one(job)
                 bar.update()
@@ -423,7 +479,7 @@ def _log_summary(manifests: dict[str, pd.DataFrame], done_files: set[str], secon
                  frames, frames / max(seconds, 1e-9))
 
 
-def inspect_clip(ds: Dataset, cfg: dict, sample: str, out: Path) -> Path:
+def inspect_clip(ds: Dataset, cfg: dict, sample: str, out: Path, device: str = "cpu") -> Path:
     """A PNG to check a clip by eye: the crop with landmarks and ROIs, the flow at peak motion,
     and every ROI's motion over time."""
     import matplotlib
@@ -440,7 +496,7 @@ def inspect_clip(ds: Dataset, cfg: dict, sample: str, out: Path) -> Path:
     clip = next(c for c in clip if c.sample == sample)
     cv2.setNumThreads(1)
     try:
-        res = Extractor(cfg).process(clip, debug=True)
+        res = Extractor(cfg, device).process(clip, debug=True)
     except ClipError as e:
         raise UserError(f"--inspect {sample}: {e}") from None
     d = res["_debug"]
@@ -487,9 +543,12 @@ def inspect_clip(ds: Dataset, cfg: dict, sample: str, out: Path) -> Path:
     return out
 
 
-def run(root: str | Path, cfg: dict, splits: list[str] | None = None, workers: int = 1, force: bool = False,
-        shard: str | None = None, inspect: str | None = None, inspect_out: str | None = None) -> Path:
-    """What `python preprocess.py` does: validate the dataset, then cache (or inspect) its clips."""
+def run(root: str | Path, cfg: dict, *, splits: list[str] | None = None, workers: int = 1, force: bool = False,
+        shard: str | None = None, inspect: str | None = None, inspect_out: str | None = None,
+        device: str = "cpu") -> Path:
+    """What `python preprocess.py` does: validate the dataset, then cache (or inspect) its clips.
+
+    device: where FAN landmarks run (dlib always runs on the CPU); flow is CPU work either way."""
     from .config import save_config
     from .data import load_dataset, resolve_issues, summary
 
@@ -503,12 +562,12 @@ def run(root: str | Path, cfg: dict, splits: list[str] | None = None, workers: i
     log.info("%s", summary(ds))
     if inspect:
         out = Path(inspect_out or f"inspect_{inspect}.png")
-        inspect_clip(ds, cfg, inspect, out)
+        inspect_clip(ds, cfg, inspect, out, device)
         log.info("wrote %s", out)
         return out
     cdir = C.cache_dir(cfg, root)
     try:
-        Extractor(cfg).landmarker  # a bad setting or a missing model: one clear error, before any work
+        Extractor(cfg, device).landmarker  # a bad setting or a missing model: one clear error, before any work
     except ValueError as e:
         raise UserError(str(e)) from None
     old = C.read_meta(cdir) if (cdir / "meta.yaml").is_file() else {}
@@ -525,7 +584,7 @@ def run(root: str | Path, cfg: dict, splits: list[str] | None = None, workers: i
             "table_rows": {**old.get("table_rows", {}), **table_rows}}
     C.write_meta(cdir, meta)
     log.info("cache: %s", cdir)
-    preprocess(ds, cfg, splits, cdir, workers=workers, force=force, shard=parse_shard(shard))
+    preprocess(ds, cfg, splits, cdir, workers=workers, force=force, shard=parse_shard(shard), device=device)
     return cdir
 
 

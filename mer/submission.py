@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .cli import UserError
+from .errors import UserError
 from .data import canonical_emotion, read_table
 from .metrics import confusion, format_scores, scores
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from . import cache as C
 from .augment import augment
-from .cli import UserError, cpu_count
+from .cli import cpu_count
+from .errors import UserError
 from .config import save_config, stable_hash
 from .features import mirror_permutation, roi_specs
 from .metrics import scores

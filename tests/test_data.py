@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import write_frames
-from mer.cli import UserError
+from mer.errors import UserError
 from mer.config import load_config
 from mer.data import (
     canonical_emotion, class_map_from_table, frame_number, list_frames, load_dataset, resolve_issues,

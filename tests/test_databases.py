@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from mer.cli import UserError
+from mer.errors import UserError
 from mer.config import load_config
 from mer.data import load_dataset, resolve_issues
 

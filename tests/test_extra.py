@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, small_config, work_config
-from mer.cli import UserError
+from mer.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -237,7 +237,7 @@ def test_preprocess_script_summary_inspect_and_fatal_errors(synth_root, tmp_path
 def test_fan_without_cached_weights_names_the_files_and_folder(tmp_path, monkeypatch):
     import torch
 
-    from mer.cli import UserError
+    from mer.errors import UserError
     from mer.face import make_landmarker
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -247,7 +247,7 @@ def test_fan_without_cached_weights_names_the_files_and_folder(tmp_path, monkeyp
 
 def test_shards_split_the_clips_between_jobs():
     from mer.preprocessing import parse_shard
-    from mer.cli import UserError
+    from mer.errors import UserError
 
     assert parse_shard("1/4") == (1, 4) and parse_shard(None) == (0, 1)
     for bad in ("4/4", "x", "1/0"):
@@ -366,3 +366,97 @@ def test_robust_similarity_fit_ignores_local_motion():
     assert np.all(np.abs(p - [a, b, tx, ty]) < [2e-3, 2e-3, 0.1, 0.1]), p
     warm = fit_similarity(pts, d, init=p, iters=1)  # warm start: already there
     np.testing.assert_allclose(warm, p, atol=1e-3)
+
+
+def _kill_self_on(job):
+    """A job function for run_jobs: dies by SIGKILL on job 'die', as an OOM-killed worker would."""
+    if job == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return job * 2
+
+
+def test_run_jobs_survives_a_killed_worker_and_finishes_the_rest():
+    from mer.workers import Lost, run_jobs
+
+    jobs = ["a", "b", "die", "c", "d", "e"]
+    out = dict(run_jobs(_kill_self_on, jobs, workers=2))
+    assert sorted(out) == sorted(jobs)
+    assert isinstance(out["die"], Lost) and "SIGKILL" in out["die"].reason
+    assert all(out[j] == j * 2 for j in jobs if j != "die")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the workers")
+def test_a_worker_killed_mid_run_costs_only_its_clip_and_a_rerun_retries_it(synth_root, tmp_path):
+    names = _names(synth_root, "train.xlsx", 8)
+    root = _small_copy(synth_root, tmp_path / "D", {"train": names})
+    cmd = [sys.executable, str(ROOT / "preprocess.py"), "--root", str(root), "--workers", "2",
+           "--set", f"preprocess.cache_dir={tmp_path / 'c'}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, victim = time.time() + 120, None
+    while time.time() < deadline and victim is None:
+        done = len(list((tmp_path / "c").glob("*/*/train/clips/*.npz")))
+        workers = _children(proc.pid)
+        if done >= 1 and len(workers) == 2:
+            victim = workers[0]
+            os.kill(victim, signal.SIGKILL)  # as the out-of-memory killer would
+        time.sleep(0.02)
+    assert victim is not None, "the workers never showed up"
+    try:
+        _, err = proc.communicate(timeout=180)  # must end, not hang
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("preprocess.py hung after a worker was killed")
+    assert proc.returncode == 0, err
+    cdir = next((tmp_path / "c").glob("*/*"))
+    m = C.read_manifest(cdir, "train")
+    failed = m[m["status"] == "failed"]
+    assert len(m) == 8 and len(failed) == 1 and (m["status"] == "ok").sum() == 7
+    assert "killed by SIGKILL" in failed["reason"].iloc[0] and "SIGKILL" in err
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and "7 of 8 clips already cached" in again.stderr  # the failed one is retried
+    assert (C.read_manifest(cdir, "train")["status"] == "ok").all()
+
+
+def test_a_face_entering_late_is_found_and_motion_measured_from_there(synth_root, tmp_path):
+    train, test = _names(synth_root, "train.xlsx", 1), _names(synth_root, "test_B.xlsx", 1)
+    root = _small_copy(synth_root, tmp_path / "D", {"train": train, "test_B": test})
+    folders = [root / "train_data" / train[0], root / "test_data_B" / "test_data_B" / test[0]]
+    entered = []
+    for d in folders:
+        files = sorted(d.iterdir())
+        blank = np.full(cv2.imread(str(files[0])).shape, 90, np.uint8)
+        k = int(len(files) * 0.55)  # the face appears after more than half of the clip
+        for f in files[:k]:
+            cv2.imwrite(str(f), blank)
+        entered.append(int(files[k].stem))
+    cfg = work_config(tmp_path)
+    cdir = run(root, cfg)
+    for split, name, first in (("train", train[0], entered[0]), ("test_B", test[0], entered[1])):
+        r = C.read_manifest(cdir, split).set_index("sample").loc[name]
+        assert r["status"] == "ok", r["reason"]  # not a failed train clip, not a centred fallback
+        assert int(r["detect_frame"]) == first  # bisected to the first frame with the face
+        z = C.load_clip(cdir / r["file"])
+        assert int(z["frame_numbers"][0]) == first and z["times_ms"][0] == 0
+    cfg_none = work_config(tmp_path / "n", **{"preprocess.detect_sparse": 0})
+    m = C.read_manifest(run(root, cfg_none), "train")
+    assert m["status"].iloc[0] == "failed" and "no face found" in m["reason"].iloc[0]
+
+
+def test_of_several_faces_the_largest_most_central_is_chosen_whatever_their_order():
+    from mer.face import choose_face
+
+    shape = (480, 640)
+    subject = [250, 150, 390, 300]       # centred, 140 x 150
+    bystander = [480, 0, 640, 170]       # in a corner, 160 x 170 (larger)
+    small = [300, 200, 340, 240]         # centred but small (a photo on the wall)
+    boxes = [bystander, small, subject]
+    assert choose_face(np.array(boxes), shape) == 2
+    assert choose_face(np.array(boxes[::-1]), shape) == 0
+    assert choose_face(np.array([[0, 0, 400, 400], subject]), shape) == 0  # much larger wins

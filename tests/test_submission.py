@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from mer.cli import UserError
+from mer.errors import UserError
 from mer.ensembling import fit_ensemble, nested_bias_gain, tune_biases
 from mer.metrics import scores
 from mer.submission import validate

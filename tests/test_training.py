@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 from mer import cache as C
 from mer.augment import mirror
-from mer.cli import UserError
+from mer.errors import UserError
 from mer.face import template_landmarks
 from mer.features import MIRROR_68, RoiPooler, mirror_permutation, roi_boxes, roi_specs
 from mer.training import ClipData, load_clips, make_folds, train_one, load_or_make_folds
