@@ -306,7 +306,8 @@ def bench_ablate(args: argparse.Namespace) -> None:
     import yaml
 
     from .ablation import run_ablation, select_rows
-    from .cli import cpu_count, resolve_device
+    from .cli import cpu_count
+    from .devices import parse_device
     from .synth import SynthConfig
 
     overrides = {}
@@ -319,7 +320,7 @@ def bench_ablate(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds_given else [0, 1, 2]
     work = Path(args.work or Path(tempfile.gettempdir()) / f"mer_ablate_{args.difficulty}_{args.clips}_{args.seed}")
     rows = select_rows(args.rows)
-    table = run_ablation(work, synth, rows, seeds, args.workers or cpu_count(), resolve_device(args.device),
+    table = run_ablation(work, synth, rows, seeds, args.workers or cpu_count(), parse_device(args.device),
                          args.jobs, args.set, Path(args.out) if args.out else None, args.bootstrap)
     print((Path(args.out) if args.out else work / "ablation").with_suffix(".md").read_text())
     del table
