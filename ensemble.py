@@ -20,7 +20,7 @@ def main() -> None:
 
         setup_logging(args.verbose)
         run_ensemble(config_from_args(args), args.runs, args.split, args.device, args.truth,
-                     not args.no_archive, args.cache)
+                     not args.no_archive, args.cache, args.root)
 
     run_main(go)
 

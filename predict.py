@@ -24,7 +24,8 @@ def main() -> None:
         setup_logging(args.verbose)
         cfg = config_from_args(args)
         predict_and_submit(cfg, args.name, args.split, args.device, truth=args.truth,
-                           archive_files=not args.no_archive, cache=args.cache)
+                           archive_files=not args.no_archive, cache=args.cache,
+                           root=args.root)
 
     run_main(go)
 

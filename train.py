@@ -27,6 +27,8 @@ def main() -> None:
     add_device_arg(parser)
     parser.add_argument("--jobs", default="auto", help="models trained in parallel processes (auto: one per "
                         "CPU core on CPU, 1 on GPU)")
+    parser.add_argument("--pretrain", action="store_true", help="self-supervised masked ROI-motion pretraining "
+                        "first, one encoder per fold on its training side (shortcut for --set pretrain.enabled=true)")
     parser.add_argument("--explain", metavar="SAMPLE", help="write the attention heatmap of one train clip")
     parser.add_argument("--out", help="where --explain writes its PNG")
     add_config_args(parser)
@@ -42,6 +44,8 @@ def main() -> None:
             cfg["model"]["name"] = args.model
         if args.extra:
             cfg["train"]["extra"] = list(args.extra)
+        if args.pretrain:
+            cfg["pretrain"]["enabled"] = True
         name = args.name or cfg["model"]["name"]
         device = args.device
         if args.explain:

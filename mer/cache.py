@@ -27,7 +27,7 @@ FEATURE_VERSION = 2  # bump when the preprocessing code changes what it computes
 MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "reason", "fps",
                     "frames_total", "frames_read", "unreadable", "steps", "duration_ms",
                     "landmark_conf", "detect_frame", "faces", "head_motion", "reanchors", "apex_motion_frame",
-                    "apex_annotated_frame", "seconds", "file", "dataset", "truncated_from_ms"]
+                    "apex_annotated_frame", "seconds", "file", "dataset", "truncated_from_ms", "aus"]
 
 
 def feature_settings(cfg: dict) -> dict:
@@ -130,8 +130,8 @@ def read_manifest(cdir: Path, split: str) -> pd.DataFrame:
     path = Path(cdir) / split / "manifest.csv"
     if not path.is_file():
         raise UserError(f"no manifest for split '{split}' in {cdir}: run preprocess.py --splits {split}")
-    m = pd.read_csv(path, dtype={"sample": str, "subject": str, "dataset": str}, keep_default_na=False,
-                    na_values={c: [""] for c in MANIFEST_COLUMNS if c not in ("sample", "subject", "dataset")})
+    m = pd.read_csv(path, dtype={"sample": str, "subject": str, "dataset": str, "aus": str}, keep_default_na=False,
+                    na_values={c: [""] for c in MANIFEST_COLUMNS if c not in ("sample", "subject", "dataset", "aus")})
     if "dataset" not in m:  # a cache made before manifests named each clip's database
         m["dataset"] = ""
     return m

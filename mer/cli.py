@@ -49,6 +49,8 @@ def add_submission_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-archive", action="store_true", help="print the CSV only")
     parser.add_argument("--cache", help="cache holding the split, if not the run's own (e.g. a test set "
                         "preprocessed from its own folder with the same settings)")
+    parser.add_argument("--root", help="dataset whose split table the submission must follow, re-read and checked "
+                        "now (default: the table the cache was made from)")
     add_device_arg(parser)
     add_config_args(parser)
 

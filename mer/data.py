@@ -9,6 +9,7 @@ released ME databases (CASME II, SAMM, CAS(ME)^3, composite) are read in `mer.da
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -109,6 +110,7 @@ class Dataset:
     issues: list[Issue] = field(default_factory=list)
     label_base: int = 0  # the id of the first class in the train table (and in submissions)
     listing: dict[str, list[str]] = field(default_factory=dict, repr=False)  # folder -> file names, if walked
+    sources: dict[str, Path] = field(default_factory=dict)  # split -> the table file its rows came from
 
     def split(self, name: str) -> pd.DataFrame:
         return self.table[self.table["split"] == name]
@@ -468,7 +470,7 @@ def read_dfme(root: str | Path, cfg: dict) -> Dataset:
     t = _assign_labels(t, classes, issues)
     listing: dict[str, list[str]] = {}
     t = _attach_frames(t, root, issues, listing)
-    return Dataset("dfme", root, _finish(t), classes, issues, label_base=base, listing=listing)
+    return Dataset("dfme", root, _finish(t), classes, issues, label_base=base, listing=listing, sources=tables)
 
 
 def read_manifest(path: str | Path, cfg: dict) -> Dataset:
@@ -497,7 +499,7 @@ def read_manifest(path: str | Path, cfg: dict) -> Dataset:
             issues.append(Issue("missing", r["split"], r["sample"], f"frame folder not found: {d}"))
         frames.append(str(d) if d.is_dir() else "")
     t["frames_dir"] = frames
-    return Dataset("manifest", path.parent, _finish(t), classes, issues)
+    return Dataset("manifest", path.parent, _finish(t), classes, issues, sources={s: path for s in dict.fromkeys(splits)})
 
 
 def _finish(t: pd.DataFrame) -> pd.DataFrame:
@@ -529,6 +531,32 @@ def load_dataset(root: str | Path, cfg: dict, check_disk: bool = True) -> Datase
     ds.issues += check_table(ds.table)
     ds.issues += check_aus(ds.table)
     return ds
+
+
+# --------------------------------------------------------------------------- table fingerprints
+
+def table_samples(path: str | Path, split: str) -> list[str]:
+    """The sample names of `split` in a table file, in its row order (read as the readers read
+    them): what a submission's row order must follow."""
+    df = read_table(path)
+    cols = match_columns(df, ["sample"], str(path))
+    if "split" in cols:  # a manifest holding several splits
+        keep = [(str(v).strip() if not pd.isna(v) else "train") == split for v in df[cols["split"]]]
+        df = df[np.array(keep, bool)]
+    return [_sample_name(v) for v in df[cols["sample"]]]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def table_fingerprint(path: str | Path, split: str) -> dict:
+    """What identifies a split's table: its file, the file's SHA-256, and the row count and
+    SHA-256 of its sample names in order (stored with the cache, checked at prediction)."""
+    path = Path(path)
+    names = table_samples(path, split)
+    return {"file": str(path.resolve()), "file_sha256": _sha256(path.read_bytes()), "rows": len(names),
+            "samples_sha256": _sha256("\n".join(names).encode("utf-8"))}
 
 
 # --------------------------------------------------------------------------- validation

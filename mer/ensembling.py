@@ -14,7 +14,7 @@ import pandas as pd
 
 from .errors import UserError
 from .metrics import scores
-from .predicting import log_fallbacks, predict_run, run_info
+from .predicting import check_split_table, log_fallbacks, predict_run, run_info
 from .report import ensemble_oof, read_oof
 from . import submission as S
 
@@ -162,11 +162,14 @@ def fit_ensemble(runs: list[Path], cfg: dict) -> dict:
 
 def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: str, truth: str | None = None,
                        archive_files: bool = True, ensemble: dict | None = None,
-                       cache: str | None = None) -> pd.DataFrame:
-    """Predict `split` with the runs, validate, print the CSV on stdout and archive the files."""
+                       cache: str | None = None, root: str | None = None) -> pd.DataFrame:
+    """Predict `split` with the runs, check the rows against the split's table (re-read now: the
+    cache's own, or the one under `root`), validate, print the CSV on stdout and archive the files."""
     runs = resolve_runs(cfg, names)
-    results = [predict_run(r, split, device, cache) for r in runs]
+    tta = cfg.get("predict", {}).get("tta", "none")
+    results = [predict_run(r, split, device, cache, tta) for r in runs]
     clips = results[0][0]
+    table = check_split_table(Path(results[0][2]["cache"]), split, clips, cfg, root)
     for r, (c, _, _) in zip(runs[1:], results[1:]):
         if c.samples != clips.samples:
             raise UserError(f"run {r.name} was preprocessed from a different {split} table than {runs[0].name}")
@@ -186,7 +189,7 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
     prov = {"runs": [p for _, _, p in results], "weights": weights.tolist(),
             "biases": None if biases is None else biases.tolist(), "ensemble": ensemble, "classes": classes,
             "cache_status": clips.manifest["status"].value_counts().to_dict(), "fallback_clips": fallbacks,
-            "label_base": base, "extra_training_data": declared_extra(results)}
+            "label_base": base, "extra_training_data": declared_extra(results), "table": table, "tta": tta}
     scored = S.score_against(sub, truth, classes, base) if truth else None
     if scored:
         log.info("scored against %s:\n%s", truth, S.describe_scores(scored, classes))
@@ -210,7 +213,7 @@ def declared_extra(results: list[tuple]) -> list[dict]:
 
 
 def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: str | None = None,
-                 archive_files: bool = True, cache: str | None = None) -> pd.DataFrame:
+                 archive_files: bool = True, cache: str | None = None, root: str | None = None) -> pd.DataFrame:
     runs = resolve_runs(cfg, names)
     ens = fit_ensemble(runs, cfg)
     msg = f"ensemble of {len(runs)} run(s): weights {np.round(ens['weights'], 2).tolist()}"
@@ -222,5 +225,5 @@ def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: st
              "on these predictions)", msg, ens["oof"]["uf1"], ens["oof"]["uar"],
              100 * ens["oof"]["acc"])
     return predict_and_submit(cfg, [str(r) for r in runs], split, device, truth, archive_files, ensemble=ens,
-                              cache=cache)
+                              cache=cache, root=root)
 

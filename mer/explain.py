@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from .errors import UserError
-from .predicting import load_models
+from .predicting import load_models, run_cache
 from .training import Normaliser, collate, load_clips
 
 log = logging.getLogger("mer.explain")
@@ -26,53 +26,88 @@ def explain(cfg: dict, name: str, sample: str, out: str | None, device: str = "c
     if not (run_dir / "run.json").is_file():
         raise UserError(f"no run named '{name}' in {cfg['train']['run_dir']}/ (train it first)")
     info = json.loads((run_dir / "run.json").read_text())
-    cdir = Path(info["cache"])
+    cdir = run_cache(run_dir, info)
+    models = load_models(run_dir, device)
     split, clips = None, None
     for s in ("train", "test_A", "test_B"):
         if (cdir / s / "manifest.csv").is_file():
-            c = load_clips(cdir, s, channels=info.get("channels"))
+            c = load_clips(cdir, s, channels=info.get("channels"), blink=models[0].blink)
             if sample in c.samples:
                 split, clips = s, c
                 break
     if clips is None:
         raise UserError(f"sample '{sample}' is not in the cache {cdir}")
     i = clips.samples.index(sample)
-    models = load_models(run_dir, device)
     if models[0].model_name != "sequence":
         raise UserError(f"--explain needs the full-sequence model; run '{name}' holds {models[0].model_name}")
     if split == "train":
         folds = pd.read_csv(run_dir / "folds.csv", dtype={"sample": str})
         fold = int(folds.loc[folds["sample"] == sample, "fold"].iloc[0])
         models = [m for m in models if m.fold == fold] or models
-    roi_maps, time_maps, probs = [], [], []
+    roi_maps, time_maps, probs, au_maps = [], [], [], []
     for m in models:
         clip = {"features": Normaliser(m.norm_scale)(clips.features[i]), "times_ms": clips.times[i],
                 "apex": clips.apex[i], "label": 0}
-        batch = {k: v.to(device) for k, v in collate([clip]).items()}
+        batch = {k: v.to(device) for k, v in collate([clip], ("x", "times", "mask")).items()}
         with torch.no_grad():
             logits, att = m.model(batch["x"], batch["times"], batch["mask"], return_attention=True)
         probs.append(torch.softmax(logits, -1)[0].cpu().numpy())
         roi_maps.append(att["roi"][0].cpu().numpy())
         time_maps.append(att["time"][0].cpu().numpy())
+        if m.au_vocab:
+            au_maps.append(au_roi_attribution(m.model, batch))
     roi, tim, prob = np.mean(roi_maps, 0), np.mean(time_maps, 0), np.mean(probs, 0)
     heat = (roi * tim[:, None]).T  # (R, T)
     classes = info["classes"]
     roi_names = [r["name"] for r in info["rois"]]
     label = int(clips.labels[i])
     out_path = Path(out or f"explain_{sample}.png")
-    _plot(heat, clips.times[i], roi_names, clips.features[i], sample, classes, prob, label, out_path)
+    au = (np.mean(au_maps, 0), models[0].au_vocab, clips.aus[i]) if au_maps else None
+    motion = motion_magnitude(clips.features[i], list(info.get("channels") or []))
+    _plot(heat, clips.times[i], roi_names, motion, sample, classes, prob, label, out_path, au)
     log.info("%s: predicted %s (p=%.2f)%s; wrote %s", sample, classes[int(prob.argmax())], prob.max(),
              f", true {classes[label]}" if label >= 0 else "", out_path)
     return out_path
 
 
-def _plot(heat, times, roi_names, features, sample, classes, prob, label, out: Path) -> None:
+def motion_magnitude(features: np.ndarray, channels: list[str]) -> tuple[np.ndarray, str]:
+    """(T, R) motion per ROI and what it is: |(u, v)| found by channel name, else the mag channel,
+    else the sum of the absolute channels."""
+    if "u" in channels and "v" in channels:
+        f = features[..., [channels.index("u"), channels.index("v")]]
+        return np.hypot(f[..., 0], f[..., 1]), "ROI motion |(u, v)| (% of inner-eye distance)"
+    if "mag" in channels:
+        return features[..., channels.index("mag")], "ROI motion magnitude (% of inner-eye distance)"
+    return np.abs(features).sum(-1), f"sum of |{', '.join(channels) or 'channels'}|"
+
+
+def au_roi_attribution(model: torch.nn.Module, batch: dict) -> np.ndarray:
+    """(V, R): for each AU of the model's auxiliary head, the share of |gradient x input| of its
+    logit that falls on each ROI (summed over steps and channels): which regions the AU head reads."""
+    x = batch["x"].clone().requires_grad_(True)
+    model.eval()
+    rows = []
+    for j in range(model.au_head.out_features):
+        model.zero_grad(set_to_none=True)
+        if x.grad is not None:
+            x.grad = None
+        au = model.heads(x, batch["times"], batch["mask"])["au"][0, j]
+        au.backward()
+        a = (x.grad * x).abs()[0].sum(dim=(0, 2)).detach().cpu().numpy()
+        rows.append(a / max(float(a.sum()), 1e-12))
+    return np.array(rows)
+
+
+def _plot(heat, times, roi_names, motion, sample, classes, prob, label, out: Path, au=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(10, 8), sharex=True, gridspec_kw={"height_ratios": [1.3, 1]})
+    rows = 3 if au is not None else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 8 + 3.2 * (rows - 2)),
+                             gridspec_kw={"height_ratios": [1.3, 1, 1][:rows]})
+    axes[1].sharex(axes[0])
     ax = axes[0]
     ext = [times[0], times[-1], len(roi_names) - 0.5, -0.5]
     im = ax.imshow(heat, aspect="auto", cmap="magma", extent=ext, interpolation="nearest")
@@ -83,12 +118,21 @@ def _plot(heat, times, roi_names, features, sample, classes, prob, label, out: P
                  f"predicted " + ", ".join(f"{classes[k]} {prob[k]:.2f}" for k in top) + truth, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     ax = axes[1]
-    mag = np.hypot(features[..., 0], features[..., 1])
+    mag, what = motion
     im = ax.imshow(mag.T, aspect="auto", cmap="viridis", extent=ext, interpolation="nearest")
     ax.set_yticks(range(len(roi_names)), roi_names, fontsize=7)
-    ax.set_title("ROI motion |(u, v)| (% of inner-eye distance)", fontsize=9)
+    ax.set_title(what, fontsize=9)
     ax.set_xlabel("time from the first frame (ms)")
     fig.colorbar(im, ax=ax, fraction=0.03)
+    if au is not None:
+        share, vocab, coded = au
+        ax = axes[2]
+        im = ax.imshow(share.T, aspect="auto", cmap="Greens", interpolation="nearest")
+        ax.set_yticks(range(len(roi_names)), roi_names, fontsize=7)
+        ax.set_xticks(range(len(vocab)), [f"AU{a}" for a in vocab], fontsize=7, rotation=90)
+        ax.set_title(f"which ROIs each AU of the auxiliary head reads (share of |gradient x input| per AU); "
+                     f"coded AUs: {coded or 'none'}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

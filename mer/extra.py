@@ -93,7 +93,7 @@ def class_mapping(extra_classes: list[str], run_classes: list[str], class_map: d
 
 
 def load_extra(entries: list[str | Path], cfg: dict, run_cache: Path, run_classes: list[str],
-               apex_source: str = "motion"):
+               apex_source: str = "motion", channels: list[str] | None = None):
     """(clips or None, records): every extra database's usable train clips, mapped to the run's
     classes and prefixed by their database; a record per database for run.json and the report."""
     from .training import load_clips
@@ -102,7 +102,7 @@ def load_extra(entries: list[str | Path], cfg: dict, run_cache: Path, run_classe
     for entry in entries:
         cdir = resolve_extra_cache(entry, cfg, run_cache)
         meta = C.read_meta(cdir)
-        clips = load_clips(cdir, "train", apex_source)
+        clips = load_clips(cdir, "train", apex_source, channels=channels, blink=cfg["model"].get("blink", "none"))
         mapping = class_mapping(list(meta["classes"]), run_classes, cfg["train"].get("extra_class_map") or {})
         names = [meta["classes"][k] if k >= 0 else None for k in clips.labels]
         target = [mapping.get(n) if n else None for n in names]

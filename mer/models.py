@@ -33,6 +33,7 @@ __all__ = [
     "ApexCNN",
     "MODELS",
     "DEFAULT_MODEL",
+    "MaskedMotionModel",
     "build_model",
     "model_settings",
 ]
@@ -43,19 +44,32 @@ __all__ = [
 
 
 class MERModel(nn.Module):
-    """Base class: ``forward_batch`` feeds ``forward`` the batch entries named in ``inputs``."""
+    """Base class: ``forward_batch`` feeds ``heads`` the batch entries named in ``inputs``.
+
+    ``heads`` returns every output of the model by name: ``emotion`` logits (B, K) and, for a
+    model built with ``n_aus > 0``, ``au`` logits (B, V) of the auxiliary multi-label AU head."""
 
     inputs: tuple[str, ...] = ()
 
-    def forward_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Logits (B, K) from a collated batch dict; only the keys in ``inputs`` are used."""
+    def _args(self, batch: Mapping[str, Tensor]) -> list[Tensor]:
         missing = [k for k in self.inputs if k not in batch]
         if missing:
             raise KeyError(
                 f"{type(self).__name__} needs batch keys {list(self.inputs)}; "
                 f"missing {missing} (got {sorted(batch)})"
             )
-        return self(*(batch[k] for k in self.inputs))
+        return [batch[k] for k in self.inputs]
+
+    def heads(self, *args: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward_heads(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every head's logits from a collated batch dict; only the keys in ``inputs`` are used."""
+        return self.heads(*self._args(batch))
+
+    def forward_batch(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Emotion logits (B, K) from a collated batch dict."""
+        return self.forward_heads(batch)["emotion"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +162,12 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+MATH_ATTENTION = False
+"""Compute attention explicitly instead of with ``scaled_dot_product_attention`` when training
+on CUDA: the fused kernels' backward with a padding mask (memory-efficient attention) is not
+deterministic. Set by ``mer.devices.set_deterministic``."""
+
+
 class Attention(nn.Module):
     """Pre-norm multi-head self-attention with a key-padding mask.
 
@@ -174,7 +194,7 @@ class Attention(nn.Module):
                             qkv=3, h=self.heads)
         allowed = rearrange(key_mask, "b j -> b 1 1 j")
         p = self.attn_dropout if self.training else 0.0
-        if return_attention:
+        if return_attention or (MATH_ATTENTION and x.is_cuda and torch.is_grad_enabled()):
             sim = torch.einsum("bhid,bhjd->bhij", q, k) * self.scale
             attn = sim.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             out = torch.einsum("bhij,bhjd->bhid", F.dropout(attn, p, self.training), v)
@@ -243,11 +263,12 @@ class SequenceTransformer(MERModel):
         time_scale_ms: float = 4000.0,
         min_period_ms: float = 20.0,
         n_time_freqs: int = 16,
+        n_aus: int = 0,
     ):
         super().__init__()
         if not 0.0 <= roi_dropout < 1.0:
             raise ValueError(f"roi_dropout must be in [0, 1), got {roi_dropout}")
-        self.n_rois, self.n_channels, self.roi_dropout = n_rois, n_channels, roi_dropout
+        self.n_rois, self.n_channels, self.roi_dropout, self.dim = n_rois, n_channels, roi_dropout, dim
 
         self.roi_embed = ROIEmbedding(n_rois, n_channels, dim, shared=shared_roi_embed)
         self.roi_pool = ROIAttentionPool(dim)
@@ -256,6 +277,7 @@ class SequenceTransformer(MERModel):
         self.emb_dropout = nn.Dropout(emb_dropout)
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, dropout)
         self.head = nn.Linear(dim, n_classes)
+        self.au_head = nn.Linear(dim, n_aus) if n_aus else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -278,14 +300,15 @@ class SequenceTransformer(MERModel):
         drop = torch.rand(b, 1, self.n_rois, device=device) < self.roi_dropout
         return drop & ~drop.all(dim=-1, keepdim=True)  # never hide every ROI
 
-    def forward(self, x: Tensor, times: Tensor, mask: Tensor, return_attention: bool = False
-                ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Logits (B, K); with ``return_attention`` also ``{"roi": (B, T, R), "time": (B, T)}``.
+    def encode(self, x: Tensor, times: Tensor, mask: Tensor, return_attention: bool = False,
+               hidden_rois: Tensor | None = None, hidden_steps: Tensor | None = None,
+               step_token: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The transformer's output sequence (B, 1 + T, D) (CLS first), the ROI weights (B, T, R)
+        and, with ``return_attention``, the last layer's attention.
 
-        ``roi``: spatial weights per step (sum to 1 over ROIs on real steps, 0 on padding).
-        ``time``: last-layer attention of CLS to each step, averaged over heads and renormalised
-        over the steps (CLS's share on itself is left out): sums to 1 over real steps, 0 on padding.
-        """
+        For masked pretraining: ``hidden_rois`` (B, T, R) True = that ROI is hidden at that step
+        (left out of the ROI attention; at least one stays), ``hidden_steps`` (B, T) True = the
+        whole step is replaced by ``step_token`` (D,) before the time embedding is added."""
         b, t, r, c = x.shape
         if (r, c) != (self.n_rois, self.n_channels):
             raise ValueError(f"x has {r} ROIs x {c} channels per step; "
@@ -295,17 +318,41 @@ class SequenceTransformer(MERModel):
         times = times.masked_fill(~mask, 0.0)
 
         tokens = self.roi_embed(x)  # (B, T, R, D)
-        steps, roi_w = self.roi_pool(tokens, self._roi_drop_mask(b, x.device))
+        drop = self._roi_drop_mask(b, x.device)
+        if hidden_rois is not None:  # (their inputs are zeroed by the caller: nothing leaks at a fully hidden step)
+            drop = hidden_rois if drop is None else hidden_rois | drop
+            drop = drop & ~drop.all(dim=-1, keepdim=True)
+        steps, roi_w = self.roi_pool(tokens, drop)
+        if hidden_steps is not None:
+            steps = torch.where(hidden_steps[..., None], step_token.to(steps.dtype), steps)
         steps = steps + self.time_embed(times)
 
         cls = repeat(self.cls_token, "1 1 d -> b 1 d", b=b)
         seq = self.emb_dropout(torch.cat((cls, steps), dim=1))
         key_mask = F.pad(mask, (1, 0), value=True)  # CLS is always a valid key
         seq, attn = self.transformer(seq, key_mask, return_attention)
-        logits = self.head(seq[:, 0])
-        if not return_attention:
-            return logits
+        return seq, roi_w, attn
 
+    def heads(self, x: Tensor, times: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        cls = self.encode(x, times, mask)[0][:, 0]
+        out = {"emotion": self.head(cls)}
+        if self.au_head is not None:
+            out["au"] = self.au_head(cls)
+        return out
+
+    def forward(self, x: Tensor, times: Tensor, mask: Tensor, return_attention: bool = False
+                ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Logits (B, K); with ``return_attention`` also ``{"roi": (B, T, R), "time": (B, T)}``.
+
+        ``roi``: spatial weights per step (sum to 1 over ROIs on real steps, 0 on padding).
+        ``time``: last-layer attention of CLS to each step, averaged over heads and renormalised
+        over the steps (CLS's share on itself is left out): sums to 1 over real steps, 0 on padding.
+        """
+        if not return_attention:
+            return self.heads(x, times, mask)["emotion"]
+        seq, roi_w, attn = self.encode(x, times, mask, return_attention=True)
+        logits = self.head(seq[:, 0])
+        mask = mask.bool()
         time_w = attn[:, :, 0, 1:].mean(dim=1)  # CLS query -> step keys, (B, T)
         time_w = time_w / time_w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         roi_w = roi_w.masked_fill(~mask[..., None], 0.0)
@@ -343,16 +390,34 @@ class ApexCNN(MERModel):
     inputs = ("apex",)
 
     def __init__(self, n_classes: int, in_channels: int = 3, width: int = 8,
-                 kernels: tuple[int, ...] = (3, 5, 7), pool: int = 4, dropout: float = 0.5):
+                 kernels: tuple[int, ...] = (3, 5, 7), pool: int = 4, dropout: float = 0.5, n_aus: int = 0):
         super().__init__()
         self.branches = nn.ModuleList(ConvBranch(in_channels, width, k) for k in kernels)
-        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.pool_size = pool
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(width * len(kernels) * pool * pool, n_classes)
+        n_feats = width * len(kernels) * pool * pool
+        self.head = nn.Linear(n_feats, n_classes)
+        self.au_head = nn.Linear(n_feats, n_aus) if n_aus else None
+
+    def _pool(self, feats: Tensor) -> Tensor:
+        """Average-pool to pool x pool cells. A plain avg_pool2d when the map divides evenly (its
+        CUDA backward is deterministic, AdaptiveAvgPool2d's is not); adaptive pooling otherwise."""
+        h, w = feats.shape[-2:]
+        p = self.pool_size
+        if h % p == 0 and w % p == 0:
+            return F.avg_pool2d(feats, (h // p, w // p))
+        return F.adaptive_avg_pool2d(feats, p)
+
+    def heads(self, apex: Tensor) -> dict[str, Tensor]:
+        feats = torch.cat([branch(apex) for branch in self.branches], dim=1)
+        z = self.dropout(rearrange(self._pool(feats), "b c h w -> b (c h w)"))
+        out = {"emotion": self.head(z)}
+        if self.au_head is not None:
+            out["au"] = self.au_head(z)
+        return out
 
     def forward(self, apex: Tensor) -> Tensor:
-        feats = torch.cat([branch(apex) for branch in self.branches], dim=1)
-        return self.head(self.dropout(rearrange(self.pool(feats), "b c h w -> b (c h w)")))
+        return self.heads(apex)["emotion"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +432,28 @@ def _apex_cnn(n_rois: int, n_channels: int, n_classes: int, **kw) -> nn.Module:
     return ApexCNN(n_classes, **kw)  # the apex map has its own channels (in_channels)
 
 
+class MaskedMotionModel(nn.Module):
+    """Self-supervised pretraining of a SequenceTransformer: hide some steps (replaced by a learned
+    token) and some ROIs (left out of the ROI attention), reconstruct their motion from the rest.
+
+    ``reconstruct`` returns (B, T, R, C) predicted features from the encoder's step outputs; the
+    loss is taken on what was hidden. The encoder's weights then initialise a classifier."""
+
+    def __init__(self, encoder: SequenceTransformer):
+        super().__init__()
+        self.encoder = encoder
+        self.step_token = nn.Parameter(torch.zeros(encoder.dim))
+        self.decoder = nn.Sequential(nn.LayerNorm(encoder.dim),
+                                     nn.Linear(encoder.dim, encoder.n_rois * encoder.n_channels))
+
+    def reconstruct(self, x: Tensor, times: Tensor, mask: Tensor, hidden_rois: Tensor,
+                    hidden_steps: Tensor) -> Tensor:
+        seq, _, _ = self.encoder.encode(x * ~hidden_rois[..., None], times, mask, hidden_rois=hidden_rois,
+                                        hidden_steps=hidden_steps, step_token=self.step_token)
+        out = self.decoder(seq[:, 1:])
+        return rearrange(out, "b t (r c) -> b t r c", r=self.encoder.n_rois)
+
+
 DEFAULT_MODEL = "sequence"
 
 # name -> (model class, factory taking the data-derived sizes + size settings)
@@ -375,7 +462,7 @@ MODELS: dict[str, tuple[type[MERModel], Callable[..., nn.Module]]] = {
     "apex_cnn": (ApexCNN, _apex_cnn),
 }
 
-_DATA_ARGS = {"self", "n_rois", "n_channels", "n_classes"}
+_DATA_ARGS = {"self", "n_rois", "n_channels", "n_classes", "n_aus"}
 
 
 def model_settings(name: str) -> list[str]:
@@ -390,9 +477,10 @@ def _lookup(name: str) -> tuple[type[MERModel], Callable[..., nn.Module]]:
     return MODELS[name]
 
 
-def build_model(name: str, n_rois: int, n_channels: int, n_classes: int,
+def build_model(name: str, n_rois: int, n_channels: int, n_classes: int, n_aus: int = 0,
                 **kwargs) -> nn.Module:
-    """Build a registered model from the data's sizes and the config's size settings.
+    """Build a registered model from the data's sizes (n_aus: AUs of the auxiliary head, 0 =
+    none) and the config's size settings.
 
     Unknown ``name`` or unknown keyword arguments raise ``ValueError`` naming the valid ones.
     """
@@ -401,4 +489,4 @@ def build_model(name: str, n_rois: int, n_channels: int, n_classes: int,
     bad = sorted(set(kwargs) - set(valid))
     if bad:
         raise ValueError(f"model {name!r} got unknown setting(s) {bad}; valid settings: {valid}")
-    return factory(n_rois, n_channels, n_classes, **kwargs)
+    return factory(n_rois, n_channels, n_classes, n_aus=n_aus, **kwargs)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import cache as C
 from .errors import UserError
-from .data import TEST_SPLITS, Dataset
+from .data import TEST_SPLITS, Dataset, table_fingerprint
 from .face import Cropper, Detection, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
 from .features import HeadMotion, Motion, RoiPooler, grid_frames, roi_boxes, roi_specs
 from .flow import make_flow, optical_strain
@@ -453,7 +453,7 @@ def build_manifest(ds: Dataset, split: str, cdir: Path) -> pd.DataFrame:
         path = C.clip_file(cdir, split, r.sample)
         rec = C.read_clip_record(path) if path.is_file() else {"status": "pending", "reason": "not processed yet"}
         rec.update(split=split, row=r.row, sample=r.sample, subject=r.subject, dataset=r.dataset,
-                   label=r.label if not pd.isna(r.label) else None,
+                   label=r.label if not pd.isna(r.label) else None, aus=str(r.aus or ""),
                    file=str(path.relative_to(cdir)))
         rows.append({k: rec.get(k) for k in C.MANIFEST_COLUMNS})
     df = pd.DataFrame(rows, columns=C.MANIFEST_COLUMNS)
@@ -581,7 +581,9 @@ def run(root: str | Path, cfg: dict, *, splits: list[str] | None = None, workers
             "rois": roi_specs(cfg["preprocess"]["rois"]),
             "channels": list(cfg["preprocess"]["channels"]), "splits": sorted(set(splits) | _cached_splits(cdir)),
             "feature_version": C.FEATURE_VERSION,
-            "table_rows": {**old.get("table_rows", {}), **table_rows}}
+            "table_rows": {**old.get("table_rows", {}), **table_rows},
+            "tables": {**old.get("tables", {}), **{s: table_fingerprint(ds.sources[s], s) for s in splits
+                                                   if s in ds.sources}}}
     C.write_meta(cdir, meta)
     log.info("cache: %s", cdir)
     preprocess(ds, cfg, splits, cdir, workers=workers, force=force, shard=parse_shard(shard), device=device)

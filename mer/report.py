@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .files import atomic, write_text_atomic
 from .metrics import confusion, format_scores, scores
 
 log = logging.getLogger("mer.report")
@@ -56,6 +57,31 @@ def per_database(ens: pd.DataFrame, pred: np.ndarray, k: int) -> dict[str, dict]
     return out
 
 
+def au_scores(oof: pd.DataFrame) -> dict[str, dict]:
+    """Per-AU F1 / precision / recall of the auxiliary AU head, out of fold: the mean AU logit over
+    seeds > 0 against the table's AU string, on clips with at least one AU coded."""
+    cols = [c for c in oof.columns if c.startswith("au_")]
+    if not cols or "aus" not in oof:
+        return {}
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from .aus import multi_hot, parse_aus
+
+    vocab = [c[3:] for c in cols]
+    keep_sides = any(v[0] in "LRTBA" for v in vocab)
+    mean = oof.groupby("sample", sort=False)[cols].mean()
+    aus = oof.groupby("sample", sort=False)["aus"].first().fillna("").astype(str)
+    parsed = [parse_aus(a, keep_sides) for a in aus]
+    known = np.array([len(p) > 0 for p in parsed])
+    if not known.any():
+        return {}
+    y = multi_hot([p for p, k in zip(parsed, known) if k], vocab)
+    pred = (mean.to_numpy()[known] > 0).astype(int)
+    pr, rc, f1, sup = precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+    return {a: {"f1": float(f), "precision": float(p), "recall": float(r), "support": int(n)}
+            for a, f, p, r, n in zip(vocab, f1, pr, rc, sup)}
+
+
 def write_report(run_dir: str | Path) -> dict:
     """Write report.json, report.md, per_class.csv, oof_ensemble.csv, confusion.png and
     learning_curves.png into the run folder; return the summary."""
@@ -80,8 +106,11 @@ def write_report(run_dir: str | Path) -> dict:
     pcols = [f"p_{i}" for i in range(k)]
     ens_pred = ens[pcols].to_numpy().argmax(1)
     ens_scores = scores(ens["label"].astype(int), ens_pred, k, class_names=classes)
-    ens.assign(pred=ens_pred).to_csv(run_dir / "oof_ensemble.csv", index=False)
-    ens_scores["per_class"].to_csv(run_dir / "per_class.csv", index=False)
+    with atomic(run_dir / "oof_ensemble.csv") as tmp:
+        ens.assign(pred=ens_pred).to_csv(tmp, index=False)
+    with atomic(run_dir / "per_class.csv") as tmp:
+        ens_scores["per_class"].to_csv(tmp, index=False)
+    per_au = au_scores(oof)
     by_db = per_database(ens, ens_pred, k)
     extra = info.get("extra") or []
     summary = {
@@ -90,9 +119,10 @@ def write_report(run_dir: str | Path) -> dict:
         "ensemble": {m: float(ens_scores[m]) for m in ("uf1", "uar", "acc")},
         "per_seed": {s: {m: float(v[m]) for m in ("uf1", "uar", "acc")} for s, v in per_seed.items()},
         "per_database": by_db,
+        "per_au": per_au,
         "extra": extra,
     }
-    (run_dir / "report.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(run_dir / "report.json", json.dumps(summary, indent=1))
     lines = [f"# Run {run_dir.name}", "",
              f"Model `{info.get('model')}`, {n_folds} subject-independent folds, seeds {summary['seeds']}"
              + ("" if complete else " (INCOMPLETE: some folds have not finished)") + ".",
@@ -106,6 +136,12 @@ def write_report(run_dir: str | Path) -> dict:
         lines += ["", "Per database (seed ensemble; the row above is over all of them):", "",
                   "| database | clips | UF1 | UAR | ACC |", "|---|---|---|---|---|"]
         lines += [f"| {d} | {v['n']} | {v['uf1']:.4f} | {v['uar']:.4f} | {100 * v['acc']:.2f}% |" for d, v in by_db.items()]
+    if per_au:
+        lines += ["", "Auxiliary AU head, out of fold (seed ensemble; an AU is predicted when its mean logit > 0; "
+                  "clips without a coded AU left out):", "", "| AU | clips with it | F1 | precision | recall |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {a} | {v['support']} | {v['f1']:.3f} | {v['precision']:.3f} | {v['recall']:.3f} |"
+                  for a, v in per_au.items()]
     lines += ["", "Per class (seed ensemble):", "", ens_scores["per_class"].to_markdown(index=False, floatfmt=".3f")
               if _has_tabulate() else ens_scores["per_class"].to_string(index=False)]
     from .extra import describe
@@ -113,7 +149,7 @@ def write_report(run_dir: str | Path) -> dict:
     lines += ["", "Extra training data (declared; on the training side of every fold only, never in the "
               "held-out folds, these scores or ensemble weights):", ""] + [f"- {d}" for d in describe(extra)] \
         if extra else ["", "Extra training data: none."]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
     _plot_confusion(confusion(ens["label"].astype(int), ens_pred, k), classes, run_dir / "confusion.png",
                     f"{run_dir.name}: out-of-fold, seed ensemble\n{format_scores(ens_scores)}")
     _plot_curves(run_dir)
@@ -148,7 +184,8 @@ def _plot_confusion(cm: np.ndarray, classes: list[str], out: Path, title: str) -
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -174,5 +211,6 @@ def _plot_curves(run_dir: Path) -> None:
         ax.set_xlabel("epoch")
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(run_dir / "learning_curves.png", dpi=110)
+    with atomic(run_dir / "learning_curves.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

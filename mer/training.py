@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,13 @@ from torch import nn
 from tqdm import tqdm
 
 from . import cache as C
-from .augment import augment
+from .augment import augment, mirror
+from .blinks import suppress_blinks
 from .cli import cpu_count
 from .errors import UserError
 from .config import save_config, stable_hash
 from .features import mirror_permutation, roi_specs
+from .files import atomic, write_text_atomic
 from .metrics import scores
 from .models import build_model
 
@@ -47,6 +49,11 @@ class ClipData:
     times: list[np.ndarray]
     apex: list[np.ndarray]      # (3, S, S) each
     manifest: pd.DataFrame
+    aus: list[str] = field(default_factory=list)  # the table's AU string of each clip ('' = none)
+
+    def __post_init__(self) -> None:
+        if not self.aus:
+            self.aus = [""] * len(self.samples)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -55,14 +62,15 @@ class ClipData:
         idx = list(idx)
         return ClipData([self.samples[i] for i in idx], self.subjects[idx], self.labels[idx],
                         [self.features[i] for i in idx], [self.times[i] for i in idx],
-                        [self.apex[i] for i in idx], self.manifest.iloc[idx].reset_index(drop=True))
+                        [self.apex[i] for i in idx], self.manifest.iloc[idx].reset_index(drop=True),
+                        [self.aus[i] for i in idx])
 
     def concat(self, other: "ClipData") -> "ClipData":
         """These clips followed by `other`'s (e.g. declared extra training data)."""
         return ClipData(self.samples + other.samples, np.concatenate([self.subjects, other.subjects]),
                         np.concatenate([self.labels, other.labels]), self.features + other.features,
                         self.times + other.times, self.apex + other.apex,
-                        pd.concat([self.manifest, other.manifest], ignore_index=True))
+                        pd.concat([self.manifest, other.manifest], ignore_index=True), self.aus + other.aus)
 
     @property
     def datasets(self) -> np.ndarray:
@@ -84,9 +92,9 @@ def channel_index(cached: list[str], wanted: list[str] | None) -> list[int]:
 
 
 def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all: bool = False,
-               channels: list[str] | None = None) -> ClipData:
+               channels: list[str] | None = None, blink: str = "none") -> ClipData:
     """Clips of a split with a usable cache entry (status ok or fallback), with the named feature
-    channels (default: all cached ones).
+    channels (default: all cached ones) and blinks handled as model.blink says (mer.blinks).
 
     require_all: every table row must have one (prediction): otherwise an error naming the rows."""
     m = C.read_manifest(cdir, split)
@@ -99,17 +107,25 @@ def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all:
     if not usable.all():
         log.warning("%s: %d clip(s) not usable (failed or pending) are left out of training", split, (~usable).sum())
     m = m[usable].reset_index(drop=True)
-    keep = channel_index(list(C.read_meta(cdir)["channels"]), channels)
+    meta = C.read_meta(cdir)
+    cached = list(meta["channels"])
+    keep = channel_index(cached, channels)
+    try:
+        suppress_blinks(np.zeros((1, len(meta["rois"]), len(cached)), np.float32), meta["rois"], cached, blink)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     feats, times, apex = [], [], []
     for f in m["file"]:
         z = C.load_clip(cdir / f)
-        feats.append(z["features"][..., keep].astype(np.float32))
+        x = suppress_blinks(z["features"], meta["rois"], cached, blink)
+        feats.append(x[..., keep].astype(np.float32))
         times.append(z["times_ms"].astype(np.float32))
         key = "apex_map_annotated" if apex_source == "annotated" and "apex_map_annotated" in z else "apex_map"
         apex.append(z[key].astype(np.float32))
     labels = pd.to_numeric(m["label"], errors="coerce").fillna(-1).astype(int).to_numpy()
+    aus = list(m["aus"].fillna("").astype(str)) if "aus" in m else [""] * len(m)
     return ClipData(list(m["sample"].astype(str)), m["subject"].fillna("").astype(str).to_numpy(), labels,
-                    feats, times, apex, m)
+                    feats, times, apex, m, aus)
 
 
 # ----------------------------------------------------------------------------- folds
@@ -179,28 +195,43 @@ class Normaliser:
         return f / self.scale
 
 
-def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Pad a list of clips to the longest: x (B,T,R,C), times (B,T), mask (B,T), apex, label."""
-    t_max = max(len(it["times_ms"]) for it in items)
-    b = len(items)
-    r, c = items[0]["features"].shape[1:]
-    x = np.zeros((b, t_max, r, c), np.float32)
-    times = np.zeros((b, t_max), np.float32)
-    mask = np.zeros((b, t_max), bool)
-    for i, it in enumerate(items):
-        n = len(it["times_ms"])
-        x[i, :n], times[i, :n], mask[i, :n] = it["features"], it["times_ms"], True
-    return {"x": torch.from_numpy(x), "times": torch.from_numpy(times), "mask": torch.from_numpy(mask),
-            "apex": torch.from_numpy(np.stack([it["apex"] for it in items])),
-            "label": torch.tensor([it["label"] for it in items], dtype=torch.long)}
+BATCH_KEYS = ("x", "times", "mask", "apex", "label", "au", "au_known")
+
+
+def collate(items: list[dict], keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, torch.Tensor]:
+    """Pad a list of clips to the longest: x (B,T,R,C), times (B,T), mask (B,T), apex, label and,
+    when the clips carry AU targets, au (B,V) and au_known (B,); only `keys` are built."""
+    out: dict[str, torch.Tensor] = {}
+    if {"x", "times", "mask"} & set(keys):
+        t_max = max(len(it["times_ms"]) for it in items)
+        b = len(items)
+        r, c = items[0]["features"].shape[1:]
+        x = np.zeros((b, t_max, r, c), np.float32)
+        times = np.zeros((b, t_max), np.float32)
+        mask = np.zeros((b, t_max), bool)
+        for i, it in enumerate(items):
+            n = len(it["times_ms"])
+            x[i, :n], times[i, :n], mask[i, :n] = it["features"], it["times_ms"], True
+        out.update(x=torch.from_numpy(x), times=torch.from_numpy(times), mask=torch.from_numpy(mask))
+    if "apex" in keys:
+        out["apex"] = torch.from_numpy(np.stack([it["apex"] for it in items]))
+    if "label" in keys:
+        out["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    if "au" in keys and "au" in items[0]:
+        out["au"] = torch.from_numpy(np.stack([it["au"] for it in items]))
+        out["au_known"] = torch.tensor([it["au_known"] for it in items], dtype=torch.bool)
+    return {k: v for k, v in out.items() if k in keys}
 
 
 def batches(clips: ClipData, norm: Normaliser, batch_size: int, rng: np.random.Generator | None = None,
-            aug: dict | None = None, perm: np.ndarray | None = None, u_channels: list[int] | None = None):
+            aug: dict | None = None, perm: np.ndarray | None = None, u_channels: list[int] | None = None, *,
+            keys: tuple[str, ...] = BATCH_KEYS, au: tuple[np.ndarray, np.ndarray] | None = None,
+            flip: bool = False):
     """Batches of a ClipData; shuffled and augmented when an RNG is given (training).
 
     Training batches group clips of similar length (sorted within shuffled pools of 16 batches)
-    so little time goes into padding."""
+    so little time goes into padding. au: (targets (N, V), known (N,)) for the AU head;
+    flip: every clip mirrored (test-time mirroring), exactly as the mirror augmentation does."""
     if rng is None:
         groups = [np.arange(s, min(s + batch_size, len(clips))) for s in range(0, len(clips), batch_size)]
     else:
@@ -216,10 +247,38 @@ def batches(clips: ClipData, norm: Normaliser, batch_size: int, rng: np.random.G
         for i in group:
             clip = {"features": norm(clips.features[i]), "times_ms": clips.times[i],
                     "apex": clips.apex[i], "label": int(clips.labels[i])}
+            if au is not None:
+                clip["au"], clip["au_known"] = au[0][i], bool(au[1][i])
+            if flip:
+                clip = mirror(clip, perm, u_channels)
             if rng is not None and aug is not None:
                 clip = augment(clip, aug, rng, perm, u_channels)
             items.append(clip)
-        yield collate(items)
+        yield collate(items, keys)
+
+
+# ----------------------------------------------------------------------------- AU targets
+
+def au_settings(tcfg: dict) -> dict:
+    """The AU multi-task settings (train.au_*)."""
+    return {"weight": float(tcfg.get("au_weight", 0.0)), "keep_sides": bool(tcfg.get("au_keep_sides", False)),
+            "min_count": int(tcfg.get("au_min_count", 5))}
+
+
+def au_targets(clips: ClipData, vocab: list[str], keep_sides: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(multi-hot (N, V), known (N,)) of the clips' AU strings; a clip with no AU coded is
+    'unknown' (left out of the AU loss), not 'no AU'."""
+    from .aus import multi_hot, parse_aus
+
+    parsed = [parse_aus(a, keep_sides) for a in clips.aus]
+    return multi_hot(parsed, vocab), np.array([len(p) > 0 for p in parsed])
+
+
+def au_vocabulary_of(clips: ClipData, keep_sides: bool, min_count: int) -> list[str]:
+    """The AUs coded on at least `min_count` of these (training) clips."""
+    from .aus import au_vocabulary, parse_aus
+
+    return au_vocabulary([parse_aus(a, keep_sides) for a in clips.aus], min_count)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -243,30 +302,59 @@ def _seed_everything(*key: int) -> np.random.Generator:
     return np.random.default_rng(s)
 
 
-def build(cfg: dict, n_rois: int, n_channels: int, n_classes: int) -> nn.Module:
+def build(cfg: dict, n_rois: int, n_channels: int, n_classes: int, n_aus: int = 0) -> nn.Module:
     name = cfg["model"]["name"]
     if name not in cfg["model"] or not isinstance(cfg["model"][name], dict):
         raise UserError(f"model.name={name}: no settings section model.{name} in the config")
     try:
-        return build_model(name, n_rois, n_channels, n_classes, **cfg["model"][name])
+        return build_model(name, n_rois, n_channels, n_classes, n_aus=n_aus, **cfg["model"][name])
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def _save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temp file, then rename: a crash never leaves half a checkpoint."""
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def predict_logits(model: nn.Module, clips: ClipData, norm: Normaliser, device: str,
-                   batch_size: int = 64) -> np.ndarray:
+def mirror_inputs(meta: dict) -> tuple[np.ndarray, list[int]]:
+    """(ROI permutation, u channel positions) of the left/right mirror, for augmentation and TTA."""
+    return mirror_permutation(roi_specs(meta["rois"])), [i for i, c in enumerate(meta["channels"]) if c == "u"]
+
+
+def predict_heads(model: nn.Module, clips: ClipData, norm: Normaliser, device: str, batch_size: int = 64,
+                  tta: str = "none", mirror_with: tuple[np.ndarray, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Every head's logits on the clips, in their order: {'emotion': (N, K)[, 'au': (N, V)]}.
+
+    tta 'mirror': the mean of the logits of each clip and of its mirrored face (ROIs swapped with
+    their twins, u negated; the apex map flipped), which mirror_with = (permutation, u channels)
+    defines."""
+    if tta not in ("none", "mirror"):
+        raise UserError(f"predict.tta must be mirror or none, got '{tta}'")
+    if tta == "mirror" and mirror_with is None:
+        raise ValueError("tta='mirror' needs mirror_with=(ROI permutation, u channels)")
+    keys = tuple(getattr(model, "inputs", ("x", "times", "mask")))
     model.eval()
-    out = []
+    passes = []
     with torch.no_grad():
-        for batch in batches(clips, norm, batch_size):
-            out.append(model.forward_batch({k: v.to(device) for k, v in batch.items()}).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        for flip in ([False, True] if tta == "mirror" else [False]):
+            outs: dict[str, list[np.ndarray]] = {}
+            perm, u = mirror_with or (None, None)
+            for batch in batches(clips, norm, batch_size, perm=perm, u_channels=u, keys=keys, flip=flip):
+                heads = model.forward_heads({k: v.to(device) for k, v in batch.items()})
+                for k, v in heads.items():
+                    outs.setdefault(k, []).append(v.float().cpu().numpy())
+            passes.append({k: np.concatenate(v) for k, v in outs.items()})
+    if not passes[0]:
+        return {"emotion": np.zeros((0, 0), np.float32)}
+    return {k: np.mean([p[k] for p in passes], 0) for k in passes[0]}
+
+
+def predict_logits(model: nn.Module, clips: ClipData, norm: Normaliser, device: str, batch_size: int = 64,
+                   tta: str = "none", mirror_with: tuple[np.ndarray, list[int]] | None = None) -> np.ndarray:
+    """Emotion logits (N, K) of the clips (see predict_heads)."""
+    return predict_heads(model, clips, norm, device, batch_size, tta, mirror_with)["emotion"]
 
 
 def epochs_for(n_clips: int, tcfg: dict) -> int:
@@ -275,22 +363,34 @@ def epochs_for(n_clips: int, tcfg: dict) -> int:
     return max(int(tcfg["epochs"]), -(-int(tcfg["min_steps"]) // per_epoch))
 
 
-def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, meta: dict,
-              out: Path, device: str, progress: bool = True, threads: int = 0,
-              extra: ClipData | None = None) -> dict:
-    """Train one model on every fold but `fold` (plus the `extra` clips, declared extra training
-    data: training side only); write its checkpoint, metrics and OOF logits."""
+@dataclass
+class Setup:
+    """Everything one (fold, seed) model trains with."""
+
+    train_set: ClipData
+    oof_set: ClipData
+    select_set: ClipData | None
+    norm: Normaliser
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    au_vocab: list[str]
+    au_loss: nn.Module | None
+    au_train: tuple[np.ndarray, np.ndarray] | None
+    mirror_with: tuple[np.ndarray, list[int]]
+    keys: tuple[str, ...]
+    epochs: int
+    n_extra: int
+
+
+def _setup(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, meta: dict, device: str,
+           extra: ClipData | None, init: Path | None) -> Setup:
+    """The fold's training / out-of-fold / checkpoint-selection clips, the normaliser, the model
+    (from a pretrained encoder if `init`), optimiser, schedule and losses."""
     tcfg = cfg["train"]
-    done = out / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    if threads:
-        torch.set_num_threads(threads)
-    save_config(cfg, out / "config.yaml", fold=fold, seed=seed, cache=meta["cache"])
     n_classes = len(meta["classes"])
-    train_idx, test_idx = np.nonzero(folds != fold)[0], np.nonzero(folds == fold)[0]
-    train_set, oof_set = clips.subset(train_idx), clips.subset(test_idx)
+    train_set, oof_set = clips.subset(np.nonzero(folds != fold)[0]), clips.subset(np.nonzero(folds == fold)[0])
     select_set = None
     if tcfg["select"] == "inner_val":
         train_set, select_set = _inner_split(train_set, tcfg["inner_val_frac"], seed)
@@ -300,82 +400,180 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
     if n_extra:  # after the inner split: extra clips never choose a checkpoint
         train_set = train_set.concat(extra)
     norm = Normaliser.fit(train_set.features)
-    perm = mirror_permutation(roi_specs(meta["rois"]))
-    u_channels = [i for i, c in enumerate(meta["channels"]) if c == "u"]
     r, c = clips.features[0].shape[1:]
-
+    aus = au_settings(tcfg)
+    vocab = au_vocabulary_of(train_set, aus["keep_sides"], aus["min_count"]) if aus["weight"] > 0 else []
+    if aus["weight"] > 0 and not vocab:
+        raise UserError(f"train.au_weight={aus['weight']:g} but no AU is coded on {aus['min_count']} or more "
+                        "training clips (the table's AU column); set train.au_weight=0")
     _seed_everything(seed, fold, -1)
-    model = build(cfg, r, c, n_classes).to(device)
+    model = build(cfg, r, c, n_classes, len(vocab)).to(device)
+    if init is not None:
+        load_encoder(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     warm = max(0, int(tcfg["warmup_epochs"]))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda e: (e + 1) / (warm + 1) if e < warm else tcfg["lr_gamma"] ** (e - warm))
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(train_set.labels, n_classes, tcfg["class_weight"]).to(device),
                                   label_smoothing=tcfg["label_smoothing"])
+    au_loss, au_train = None, None
+    keys = tuple(model.inputs) + ("label",)
+    if vocab:
+        au_train = au_targets(train_set, vocab, aus["keep_sides"])
+        y, known = au_train
+        pos = y[known].sum(0)
+        pos_weight = np.clip((known.sum() - pos) / np.maximum(pos, 1), 1.0, 20.0)  # rare AUs count more
+        au_loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32).to(device),
+                                       reduction="none")
+        keys += ("au", "au_known")
+    return Setup(train_set, oof_set, select_set, norm, model, opt, sched, loss_fn, vocab, au_loss, au_train,
+                 mirror_inputs(meta), keys, epochs_for(len(train_set), tcfg), n_extra)
+
+
+def load_encoder(model: nn.Module, path: Path) -> None:
+    """Initialise a classifier from a pretrained encoder (mer.pretraining): every weight but the
+    heads; a checkpoint of another shape is an error saying so."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["encoder"]
+    own = model.state_dict()
+    wanted = {k: v for k, v in state.items() if not k.startswith(("head.", "au_head."))}
+    bad = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise UserError(f"pretrained encoder {path} does not fit this model ({bad[0]}): pretrain with the same "
+                        "model settings (delete that pretrain folder to redo it)")
+    model.load_state_dict(wanted, strict=False)
+
+
+def _epoch(st: Setup, cfg: dict, device: str, rng: np.random.Generator, amp: bool) -> dict:
+    """One pass over the training clips. Batches are built (augmented) first and moved to the
+    device in one go; the loss is read back once, at the end."""
+    tcfg = cfg["train"]
+    aus = au_settings(tcfg)
+    perm, u = st.mirror_with
+    st.model.train()
+    t0 = time.time()
+    prepared = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
+                for b in batches(st.train_set, st.norm, tcfg["batch_size"], rng, tcfg["augment"], perm, u,
+                                 keys=st.keys, au=st.au_train)]
+    total = torch.zeros((), device=device)
+    au_total = torch.zeros((), device=device)
+    n = 0
+    for batch in prepared:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            heads = st.model.forward_heads(batch)
+            loss = st.loss_fn(heads["emotion"].float(), batch["label"])
+            au_part = None
+            if st.au_loss is not None:
+                known = batch["au_known"].float()
+                per_clip = st.au_loss(heads["au"].float(), batch["au"]).mean(1)
+                au_part = (per_clip * known).sum() / known.sum().clamp_min(1.0)
+                loss = loss + aus["weight"] * au_part
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(st.model.parameters(), 1.0)
+        st.opt.step()
+        b = len(batch["label"])
+        total += loss.detach() * b
+        if au_part is not None:
+            au_total += au_part.detach() * b
+        n += b
+    st.sched.step()
+    row = {"lr": st.opt.param_groups[0]["lr"], "train_loss": float(total) / max(n, 1),
+           "clips_per_s": n / max(time.time() - t0, 1e-9)}
+    if st.au_loss is not None:
+        row["train_au_loss"] = float(au_total) / max(n, 1)
+    return row
+
+
+def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, meta: dict,
+              out: Path, device: str, progress: bool = True, threads: int = 0,
+              extra: ClipData | None = None, init: Path | None = None) -> dict:
+    """Train one model on every fold but `fold` (plus the `extra` clips, declared extra training
+    data: training side only; from the pretrained encoder `init` if given); write its checkpoint,
+    metrics and out-of-fold logits."""
+    from .devices import deterministic_for, set_deterministic
+
+    tcfg = cfg["train"]
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    set_deterministic(device, deterministic_for(tcfg.get("deterministic", "auto"), device))
+    amp = bool(tcfg.get("amp", False)) and device.startswith("cuda")
+    save_config(cfg, out / "config.yaml", fold=fold, seed=seed, cache=meta["cache"])
+    st = _setup(clips, folds, fold, seed, cfg, meta, device, extra, init)
     ckpt, history, start, best = out / "last.pt", [], 0, (-1.0, None)
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+        state = load_checkpoint(ckpt)  # on the CPU: optimiser step counters must stay there
+        st.model.load_state_dict(state["model"])
+        st.opt.load_state_dict(state["opt"])
+        st.sched.load_state_dict(state["sched"])
         history, start, best = state["history"], state["epoch"] + 1, state["best"]
         log.info("fold %d seed %d: resuming after epoch %d", fold, seed, start)
 
-    epochs = epochs_for(len(train_set), tcfg)
-    bar = tqdm(range(start, epochs), desc=f"fold {fold} seed {seed}", unit="ep", file=sys.stderr,
-               initial=start, total=epochs, dynamic_ncols=True, disable=not progress)
+    tta = cfg.get("predict", {}).get("tta", "none")
+    n_classes = len(meta["classes"])
+    bar = tqdm(range(start, st.epochs), desc=f"fold {fold} seed {seed}", unit="ep", file=sys.stderr,
+               initial=start, total=st.epochs, dynamic_ncols=True, disable=not progress)
     for epoch in bar:
-        rng = _seed_everything(seed, fold, epoch)
-        model.train()
-        t0, total, n = time.time(), 0.0, 0
-        for batch in batches(train_set, norm, tcfg["batch_size"], rng, tcfg["augment"], perm, u_channels):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = loss_fn(model.forward_batch(batch), batch["label"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            total += loss.item() * len(batch["label"])
-            n += len(batch["label"])
-        sched.step()
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": total / max(n, 1),
-               "clips_per_s": n / max(time.time() - t0, 1e-9)}
-        if len(oof_set):  # diagnostics only: never used to choose a checkpoint
-            s = scores(oof_set.labels, predict_logits(model, oof_set, norm, device).argmax(1), n_classes)
+        row = {"epoch": epoch + 1, **_epoch(st, cfg, device, _seed_everything(seed, fold, epoch), amp)}
+        if len(st.oof_set):  # diagnostics only: never used to choose a checkpoint
+            pred = predict_logits(st.model, st.oof_set, st.norm, device).argmax(1)
+            s = scores(st.oof_set.labels, pred, n_classes)
             row.update(heldout_uf1=s["uf1"], heldout_uar=s["uar"], heldout_acc=s["acc"])
-        if select_set is not None:
-            s = scores(select_set.labels, predict_logits(model, select_set, norm, device).argmax(1), n_classes)
-            row["select_uf1"] = s["uf1"]
-            if s["uf1"] > best[0]:
-                best = (s["uf1"], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        if st.select_set is not None:
+            pred = predict_logits(st.model, st.select_set, st.norm, device).argmax(1)
+            row["select_uf1"] = scores(st.select_set.labels, pred, n_classes)["uf1"]
+            if row["select_uf1"] > best[0]:
+                best = (row["select_uf1"], {k: v.detach().cpu().clone() for k, v in st.model.state_dict().items()})
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", uf1=f"{row.get('heldout_uf1', float('nan')):.3f}")
-        _save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                      "history": history, "epoch": epoch, "best": best}, ckpt)
+        save_atomic({"model": st.model.state_dict(), "opt": st.opt.state_dict(), "sched": st.sched.state_dict(),
+                     "history": history, "epoch": epoch, "best": best}, ckpt)
     bar.close()
 
-    if select_set is not None and best[1] is not None:
-        model.load_state_dict(best[1])
+    if st.select_set is not None and best[1] is not None:
+        st.model.load_state_dict(best[1])
     pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
-    _save_atomic({"model": model.state_dict(), "model_name": cfg["model"]["name"],
-                  "model_settings": cfg["model"][cfg["model"]["name"]], "n_rois": r, "n_channels": c, "channels": list(meta["channels"]),
-                  "classes": meta["classes"], "norm_scale": norm.scale, "fold": fold, "seed": seed,
-                  "apex_source": cfg["model"]["apex_source"], "config_hash": stable_hash(cfg)}, out / "model.pt")
-    logits = predict_logits(model, oof_set, norm, device)
-    oof = pd.DataFrame({"sample": oof_set.samples, "subject": oof_set.subjects, "dataset": oof_set.datasets,
-                        "label": oof_set.labels, "fold": fold, "seed": seed})
+    save_atomic({"model": st.model.state_dict(), "model_name": cfg["model"]["name"],
+                 "model_settings": cfg["model"][cfg["model"]["name"]], "n_rois": clips.features[0].shape[1],
+                 "n_channels": clips.features[0].shape[2], "channels": list(meta["channels"]),
+                 "rois": meta["rois"], "classes": meta["classes"], "norm_scale": st.norm.scale, "fold": fold,
+                 "seed": seed, "apex_source": cfg["model"]["apex_source"], "au_vocab": st.au_vocab,
+                 "blink": cfg["model"].get("blink", "none"), "config_hash": stable_hash(cfg)}, out / "model.pt")
+    heads = predict_heads(st.model, st.oof_set, st.norm, device, tta=tta, mirror_with=st.mirror_with)
+    write_oof(out / "oof.csv", st.oof_set, fold, seed, heads, n_classes, st.au_vocab)
+    result = {"fold": fold, "seed": seed, "n_train": len(st.train_set), "n_extra": st.n_extra,
+              "n_oof": len(st.oof_set), "epochs": st.epochs, "tta": tta}
+    if len(st.oof_set):
+        s = scores(st.oof_set.labels, heads["emotion"].argmax(1), n_classes)
+        result.update(uf1=s["uf1"], uar=s["uar"], acc=s["acc"])
+    write_text_atomic(done, json.dumps(result, indent=1))
+    ckpt.unlink(missing_ok=True)  # last: a crash before this point resumes, never loses the run
+    return result
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, always onto the CPU (the caller moves what it needs)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_oof(path: Path, clips: ClipData, fold: int, seed: int, heads: dict[str, np.ndarray], n_classes: int,
+              au_vocab: list[str]) -> None:
+    """Out-of-fold logits (and AU-head logits, columns au_<code>) of one model, written atomically
+    (other jobs' reports may be reading)."""
+    oof = pd.DataFrame({"sample": clips.samples, "subject": clips.subjects, "dataset": clips.datasets,
+                        "label": clips.labels, "fold": fold, "seed": seed})
+    logits = heads["emotion"]
     for k in range(n_classes):
         oof[f"logit_{k}"] = logits[:, k] if len(logits) else []
-    oof.to_csv(out / "oof.csv.tmp", index=False)
-    os.replace(out / "oof.csv.tmp", out / "oof.csv")  # other jobs' reports may be reading
-    result = {"fold": fold, "seed": seed, "n_train": len(train_set), "n_extra": n_extra, "n_oof": len(oof_set),
-              "epochs": epochs}
-    if len(oof_set):
-        s = scores(oof_set.labels, logits.argmax(1), n_classes)
-        result.update(uf1=s["uf1"], uar=s["uar"], acc=s["acc"])
-    ckpt.unlink(missing_ok=True)
-    done.write_text(json.dumps(result, indent=1))
-    return result
+    if au_vocab and "au" in heads:
+        oof["aus"] = clips.aus
+        for j, code in enumerate(au_vocab):
+            oof[f"au_{code}"] = heads["au"][:, j] if len(heads["au"]) else []
+    with atomic(path) as tmp:
+        oof.to_csv(tmp, index=False)
 
 
 def _inner_split(clips: ClipData, frac: float, seed: int) -> tuple[ClipData, ClipData]:
@@ -396,7 +594,10 @@ def _settings_that_shape_models(cfg: dict) -> dict:
     train["extra"] = list(train.get("extra") or [])  # runs from before extra data existed had none
     if not train["extra"]:
         train.pop("extra_class_map", None)  # means nothing without extra data
-    return {"model": cfg["model"], "train": train, "preprocess": cfg["preprocess"]}
+    out = {"model": cfg["model"], "train": train, "preprocess": cfg["preprocess"]}
+    if (cfg.get("pretrain") or {}).get("enabled"):
+        out["pretrain"] = cfg["pretrain"]
+    return out
 
 
 def _check_same_settings(run_dir: Path, cfg: dict) -> None:
@@ -412,6 +613,45 @@ def _check_same_settings(run_dir: Path, cfg: dict) -> None:
         diff = [f"{s}.{k}" for s in a for k in set(a[s]) | set(b[s]) if a[s].get(k) != b[s].get(k)]
         raise UserError(f"run {run_dir} was trained with other settings ({', '.join(sorted(diff)[:6])}); "
                         "use a new --name, or the same settings to finish it")
+
+
+def in_parallel(fn, args: list[tuple], jobs: int, what: str, kwargs: list[dict]) -> list:
+    """fn(*a, **kw) for every (a, kw): here with a progress bar per call, or in `jobs` spawned
+    processes with one bar over all of them."""
+    if jobs == 1:
+        return [fn(*a, progress=True, **kw) for a, kw in zip(args, kwargs)]
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    results = []
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *a, progress=False, **kw) for a, kw in zip(args, kwargs)]
+        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc=what, unit="model", file=sys.stderr,
+                        dynamic_ncols=True):
+            results.append(fut.result())
+    return results
+
+
+def _pretrain(clips: ClipData, folds: np.ndarray, todo_folds: list[int], extra_clips: ClipData | None, cfg: dict,
+              info: dict, run_dir: Path, cdir: Path, device: str, jobs: int, threads: int) -> dict[int, Path]:
+    """With pretrain.enabled: one pretrained encoder per fold, on the training side of that fold
+    (plus declared extra training data and pretrain.extra, labels unused); {fold: encoder.pt}."""
+    if not (cfg.get("pretrain") or {}).get("enabled"):
+        return {}
+    from .pretraining import pretrain_fold, unlabelled_extra
+
+    unlabelled = unlabelled_extra(list(cfg["pretrain"].get("extra") or []), cfg, Path(cdir), info["channels"])
+    args = []
+    for f in todo_folds:
+        side = clips.subset(np.nonzero(folds != f)[0])
+        for more in (extra_clips, unlabelled):
+            if more is not None:
+                side = side.concat(more)
+        args.append((side, cfg, info, run_dir / "pretrain" / f"fold{f}", device, f))
+    log.info("pretraining %d encoder(s) (masked ROI-motion modelling, %d epochs)", len(args),
+             int(cfg["pretrain"]["epochs"]))
+    paths = in_parallel(pretrain_fold, args, min(jobs, len(args)), "pretrain", [dict(threads=threads)] * len(args))
+    return dict(zip(todo_folds, paths))
 
 
 def resolve_jobs(jobs: int | str, device: str, n_runs: int) -> int:
@@ -439,7 +679,8 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
                train={**cfg["train"], "extra": extra})
     run_dir = Path(cfg["train"]["run_dir"]) / name
     channels = list(cfg["model"]["channels"] or meta["channels"])
-    clips = load_clips(cdir, "train", cfg["model"]["apex_source"], channels=channels)
+    clips = load_clips(cdir, "train", cfg["model"]["apex_source"], channels=channels,
+                       blink=cfg["model"].get("blink", "none"))
     if len(clips) == 0 or (clips.labels < 0).all():
         raise UserError(f"no labelled train clips in {cdir}")
     folds = load_or_make_folds(run_dir, clips, cfg)
@@ -455,12 +696,14 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
             raise UserError(f"--fold {fold}: this run has folds 0..{n_folds - 1}")
     seeds = list(seeds if seeds is not None else cfg["train"]["seeds"])
     _check_same_settings(run_dir, cfg)
-    extra_clips, extra_records = load_extra(extra, cfg, Path(cdir), list(meta["classes"]), cfg["model"]["apex_source"])
+    extra_clips, extra_records = load_extra(extra, cfg, Path(cdir), list(meta["classes"]), cfg["model"]["apex_source"],
+                                            channels)
     save_config(cfg, run_dir / "config.yaml", cache=str(cdir))
     info = {"cache": str(Path(cdir).resolve()), "classes": meta["classes"], "rois": meta["rois"], "channels": channels}
-    (run_dir / "run.json").write_text(json.dumps({**info, "dataset": meta.get("dataset"), "root": meta.get("root"),
-                                                  "label_base": meta.get("label_base", 0),
-                                                  "model": cfg["model"]["name"], "extra": extra_records}, indent=1))
+    write_text_atomic(run_dir / "run.json", json.dumps(
+        {**info, "cache_relative": os.path.relpath(Path(cdir).resolve(), run_dir.resolve()),
+         "dataset": meta.get("dataset"), "root": meta.get("root"), "label_base": meta.get("label_base", 0),
+         "model": cfg["model"]["name"], "extra": extra_records}, indent=1))
     for line in describe(extra_records):
         log.info("extra training data (training side of every fold only): %s", line)
     pairs = [(f, s) for f in todo_folds for s in seeds]
@@ -468,19 +711,10 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
     threads = int(cfg["train"]["num_threads"]) or (max(1, cpu_count() // jobs) if jobs > 1 else 0)
     log.info("run %s: %d clips, %d folds (%s), seeds %s, model %s, device %s, %d parallel job(s)", run_dir,
              len(clips), n_folds, cfg["train"]["protocol"], seeds, cfg["model"]["name"], device, jobs)
+    inits = _pretrain(clips, folds, todo_folds, extra_clips, cfg, info, run_dir, cdir, device, jobs, threads)
     args = [(clips, folds, f, s, cfg, info, run_dir / f"fold{f}" / f"seed{s}", device) for f, s in pairs]
-    if jobs == 1:
-        results = [train_one(*a, progress=True, threads=threads, extra=extra_clips) for a in args]
-    else:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        results = []
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(train_one, *a, progress=False, threads=threads, extra=extra_clips) for a in args]
-            for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="models", unit="model",
-                            file=sys.stderr, dynamic_ncols=True):
-                results.append(fut.result())
+    results = in_parallel(train_one, args, jobs, "models",
+                          [dict(threads=threads, extra=extra_clips, init=inits.get(f)) for f, _ in pairs])
     for res in sorted(results, key=lambda r: (r["fold"], r["seed"])):
         if "uf1" in res:
             log.info("fold %d seed %d: held-out UF1 %.4f UAR %.4f ACC %.2f%% (n=%d)", res["fold"], res["seed"],
