@@ -110,16 +110,22 @@ def tune_biases(logp: np.ndarray, y: np.ndarray, grid: np.ndarray, passes: int) 
     return b
 
 
-def nested_bias_gain(logp: np.ndarray, y: np.ndarray, folds: np.ndarray, grid: np.ndarray,
-                     passes: int) -> tuple[float, float]:
-    """Out-of-fold UF1 without and with biases, the biases for each fold tuned on the OTHER folds."""
+def nested_bias_predictions(logp: np.ndarray, y: np.ndarray, folds: np.ndarray, grid: np.ndarray,
+                            passes: int) -> np.ndarray:
+    """Predicted classes with per-class biases, each fold's biases tuned on the OTHER folds only."""
     pred = logp.argmax(1).copy()
     for f in np.unique(folds):
         inner = folds != f
         b = tune_biases(logp[inner], y[inner], grid, passes)
         pred[~inner] = (logp[~inner] + b).argmax(1)
-    k = logp.shape[1]
-    return _uf1(y, logp), scores(y, pred, k)["uf1"]
+    return pred
+
+
+def nested_bias_gain(logp: np.ndarray, y: np.ndarray, folds: np.ndarray, grid: np.ndarray,
+                     passes: int) -> tuple[float, float]:
+    """Out-of-fold UF1 without and with biases, the biases for each fold tuned on the OTHER folds."""
+    pred = nested_bias_predictions(logp, y, folds, grid, passes)
+    return _uf1(y, logp), scores(y, pred, logp.shape[1])["uf1"]
 
 
 def fit_ensemble(runs: list[Path], cfg: dict) -> dict:

@@ -81,21 +81,23 @@ def motion_magnitude(features: np.ndarray, channels: list[str]) -> tuple[np.ndar
     return np.abs(features).sum(-1), f"sum of |{', '.join(channels) or 'channels'}|"
 
 
-def au_roi_attribution(model: torch.nn.Module, batch: dict) -> np.ndarray:
-    """(V, R): for each AU of the model's auxiliary head, the share of |gradient x input| of its
-    logit that falls on each ROI (summed over steps and channels): which regions the AU head reads."""
+def au_roi_share(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(V, R) on the model's device: for each AU of the auxiliary head, the share of |gradient x
+    input| of its logit that falls on each ROI (summed over steps and channels)."""
     x = batch["x"].clone().requires_grad_(True)
     model.eval()
     rows = []
     for j in range(model.au_head.out_features):
-        model.zero_grad(set_to_none=True)
-        if x.grad is not None:
-            x.grad = None
-        au = model.heads(x, batch["times"], batch["mask"])["au"][0, j]
-        au.backward()
-        a = (x.grad * x).abs()[0].sum(dim=(0, 2)).detach().cpu().numpy()
-        rows.append(a / max(float(a.sum()), 1e-12))
-    return np.array(rows)
+        x.grad = None
+        model.heads(x, batch["times"], batch["mask"])["au"][0, j].backward()
+        a = (x.grad * x).abs()[0].sum(dim=(0, 2)).detach()
+        rows.append(a / a.sum().clamp_min(1e-12))
+    return torch.stack(rows)
+
+
+def au_roi_attribution(model: torch.nn.Module, batch: dict) -> np.ndarray:
+    """au_roi_share as a numpy array: which regions each AU of the head reads."""
+    return au_roi_share(model, batch).cpu().numpy()
 
 
 def _plot(heat, times, roi_names, motion, sample, classes, prob, label, out: Path, au=None) -> None:

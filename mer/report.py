@@ -69,17 +69,21 @@ def au_scores(oof: pd.DataFrame) -> dict[str, dict]:
 
     vocab = [c[3:] for c in cols]
     keep_sides = any(v[0] in "LRTBA" for v in vocab)
-    mean = oof.groupby("sample", sort=False)[cols].mean()
+    mean = oof.groupby("sample", sort=False)[cols].mean()  # NaN where the clip's fold had no head for it
     aus = oof.groupby("sample", sort=False)["aus"].first().fillna("").astype(str)
     parsed = [parse_aus(a, keep_sides) for a in aus]
     known = np.array([len(p) > 0 for p in parsed])
-    if not known.any():
-        return {}
-    y = multi_hot([p for p, k in zip(parsed, known) if k], vocab)
-    pred = (mean.to_numpy()[known] > 0).astype(int)
-    pr, rc, f1, sup = precision_recall_fscore_support(y, pred, average=None, zero_division=0)
-    return {a: {"f1": float(f), "precision": float(p), "recall": float(r), "support": int(n)}
-            for a, f, p, r, n in zip(vocab, f1, pr, rc, sup)}
+    y = multi_hot(parsed, vocab)
+    out = {}
+    for j, a in enumerate(vocab):
+        rows = known & mean[cols[j]].notna().to_numpy()
+        if not rows.any():
+            continue
+        pred = (mean[cols[j]].to_numpy()[rows] > 0).astype(int)
+        pr, rc, f1, _ = precision_recall_fscore_support(y[rows, j], pred, average="binary", zero_division=0)
+        out[a] = {"f1": float(f1), "precision": float(pr), "recall": float(rc), "support": int(y[rows, j].sum()),
+                  "clips": int(rows.sum())}
+    return out
 
 
 def write_report(run_dir: str | Path) -> dict:

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +47,21 @@ class ClipData:
     labels: np.ndarray          # -1 where unknown (test splits)
     features: list[np.ndarray]  # (T, R, C) each
     times: list[np.ndarray]
-    apex: list[np.ndarray]      # (3, S, S) each
+    apex: list[np.ndarray]      # (3, S, S) each: first -> max-motion frame (what every clip has, test clips too)
     manifest: pd.DataFrame
     aus: list[str] = field(default_factory=list)  # the table's AU string of each clip ('' = none)
+    apex_annotated: list[np.ndarray] = field(default_factory=list)  # first -> table apex (train only; else = apex)
 
     def __post_init__(self) -> None:
         if not self.aus:
             self.aus = [""] * len(self.samples)
+        if not self.apex_annotated:
+            self.apex_annotated = list(self.apex)
+
+    def with_annotated_apex(self) -> "ClipData":
+        """The same clips with the table's apex map as `apex` (model.apex_source: annotated, for the
+        training side only: held-out and test clips keep the max-motion map, as test clips must)."""
+        return replace(self, apex=list(self.apex_annotated))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -63,14 +71,15 @@ class ClipData:
         return ClipData([self.samples[i] for i in idx], self.subjects[idx], self.labels[idx],
                         [self.features[i] for i in idx], [self.times[i] for i in idx],
                         [self.apex[i] for i in idx], self.manifest.iloc[idx].reset_index(drop=True),
-                        [self.aus[i] for i in idx])
+                        [self.aus[i] for i in idx], [self.apex_annotated[i] for i in idx])
 
     def concat(self, other: "ClipData") -> "ClipData":
         """These clips followed by `other`'s (e.g. declared extra training data)."""
         return ClipData(self.samples + other.samples, np.concatenate([self.subjects, other.subjects]),
                         np.concatenate([self.labels, other.labels]), self.features + other.features,
                         self.times + other.times, self.apex + other.apex,
-                        pd.concat([self.manifest, other.manifest], ignore_index=True), self.aus + other.aus)
+                        pd.concat([self.manifest, other.manifest], ignore_index=True), self.aus + other.aus,
+                        self.apex_annotated + other.apex_annotated)
 
     @property
     def datasets(self) -> np.ndarray:
@@ -114,18 +123,21 @@ def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all:
         suppress_blinks(np.zeros((1, len(meta["rois"]), len(cached)), np.float32), meta["rois"], cached, blink)
     except ValueError as e:
         raise UserError(str(e)) from None
-    feats, times, apex = [], [], []
+    if apex_source not in ("motion", "annotated"):
+        raise UserError(f"model.apex_source must be motion or annotated, got '{apex_source}'")
+    feats, times, apex, annotated = [], [], [], []
     for f in m["file"]:
         z = C.load_clip(cdir / f)
         x = suppress_blinks(z["features"], meta["rois"], cached, blink)
         feats.append(x[..., keep].astype(np.float32))
         times.append(z["times_ms"].astype(np.float32))
-        key = "apex_map_annotated" if apex_source == "annotated" and "apex_map_annotated" in z else "apex_map"
-        apex.append(z[key].astype(np.float32))
+        apex.append(z["apex_map"].astype(np.float32))
+        if apex_source == "annotated":
+            annotated.append(z["apex_map_annotated"].astype(np.float32) if "apex_map_annotated" in z else apex[-1])
     labels = pd.to_numeric(m["label"], errors="coerce").fillna(-1).astype(int).to_numpy()
     aus = list(m["aus"].fillna("").astype(str)) if "aus" in m else [""] * len(m)
     return ClipData(list(m["sample"].astype(str)), m["subject"].fillna("").astype(str).to_numpy(), labels,
-                    feats, times, apex, m, aus)
+                    feats, times, apex, m, aus, annotated)
 
 
 # ----------------------------------------------------------------------------- folds
@@ -399,6 +411,8 @@ def _setup(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, 
     n_extra = len(extra) if extra is not None else 0
     if n_extra:  # after the inner split: extra clips never choose a checkpoint
         train_set = train_set.concat(extra)
+    if cfg["model"]["apex_source"] == "annotated":  # the training side only: the others are scored as test clips
+        train_set = train_set.with_annotated_apex()
     norm = Normaliser.fit(train_set.features)
     r, c = clips.features[0].shape[1:]
     aus = au_settings(tcfg)

@@ -8,23 +8,46 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from mer.metrics import confusion, format_scores, scores
 
 
+def _by_definition(y, p, k):
+    """The competition's formulas, counted by hand (no library): UF1 = mean over classes in truth
+    or predictions of 2TP / (2TP + FP + FN); UAR = mean over classes in truth of TP / N_class."""
+    f1s, recalls = [], []
+    for c in range(k):
+        tp = sum(1 for a, b in zip(y, p) if a == c and b == c)
+        fp = sum(1 for a, b in zip(y, p) if a != c and b == c)
+        fn = sum(1 for a, b in zip(y, p) if a == c and b != c)
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+        if tp + fn:
+            recalls.append(tp / (tp + fn))
+    return sum(f1s) / len(f1s), sum(recalls) / len(recalls), sum(a == b for a, b in zip(y, p)) / len(y)
+
+
 @pytest.mark.parametrize("seed", range(10))
-def test_agrees_with_sklearn_on_random_data(seed):
+def test_agrees_with_the_formulas_counted_by_hand_on_random_data(seed):
     rng = np.random.default_rng(seed)
     k = int(rng.integers(2, 8))
     n = int(rng.integers(1, 60))
     y = rng.integers(0, k, n)
     p = np.where(rng.random(n) < 0.4, y, rng.integers(0, k, n))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sklearn's own reference calls may warn; ours must not
-        ref_f1 = f1_score(y, p, average="macro")
-        ref_uar = balanced_accuracy_score(y, p)
+    uf1, uar, acc = _by_definition(y.tolist(), p.tolist(), k)
     s = scores(y, p, n_classes=k)
-    assert s["uf1"] == pytest.approx(ref_f1, abs=1e-12)
-    assert s["uar"] == pytest.approx(ref_uar, abs=1e-12)
-    assert s["acc"] == pytest.approx(accuracy_score(y, p), abs=1e-12)
+    assert s["uf1"] == pytest.approx(uf1, abs=1e-12)
+    assert s["uar"] == pytest.approx(uar, abs=1e-12)
+    assert s["acc"] == pytest.approx(acc, abs=1e-12)
     assert s["n"] == n
     assert confusion(y, p, k).sum() == n
+
+
+def test_agrees_with_scikit_learn_where_classes_are_missing():
+    """The definitions above equal scikit-learn's macro F1 and balanced accuracy with its default
+    labels, also when a class is only predicted or only true."""
+    y, p = [0, 0, 1, 1, 3], [0, 2, 1, 1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _by_definition(y, p, 4)[0] == pytest.approx(f1_score(y, p, average="macro"))
+        assert _by_definition(y, p, 4)[1] == pytest.approx(balanced_accuracy_score(y, p))
+        assert _by_definition(y, p, 4)[2] == pytest.approx(accuracy_score(y, p))
 
 
 def test_hand_computed_example():

@@ -69,7 +69,32 @@ def test_ensemble_of_two_runs(trained_runs, synth_root):
     assert "ensemble of 2 run(s): weights" in out.stderr and "nested bias search" in out.stderr
     ens = fit_ensemble([runs["sequence"], runs["apex"]], cfg)
     assert abs(sum(ens["weights"]) - 1) < 1e-9
-    assert ens["oof_uf1_nested_bias"] >= 0 and ens["oof"]["uf1"] >= ens["oof_uf1_weighted"] - 1e-12
+    assert ens["bias_gain_nested"] == pytest.approx(ens["oof_uf1_nested_bias"] - ens["oof_uf1_no_bias"])
+    assert ens["biases"] == [0.0] * 7 or ens["bias_used"]  # biases only when the honest gain is positive
+
+
+def test_nested_bias_search_never_profits_from_the_fold_it_scores():
+    """A planted leak: fold 0's labels are replaced by one class. Fold 0's predictions must not
+    change (its biases come from the other folds), the other folds' must (fold 0 is in theirs)."""
+    from mer.ensembling import nested_bias_predictions
+
+    rng = np.random.default_rng(3)
+    n, k = 300, 5
+    y = rng.integers(0, k, n)
+    folds = np.repeat(np.arange(5), n // 5)
+    logp = rng.normal(0, 1, (n, k)) + 1.2 * np.eye(k)[y]
+    grid = np.linspace(-1.5, 1.5, 13)
+    leaked = y.copy()
+    leaked[folds == 0] = 4
+    a = nested_bias_predictions(logp, y, folds, grid, 2)
+    b = nested_bias_predictions(logp, leaked, folds, grid, 2)
+    np.testing.assert_array_equal(a[folds == 0], b[folds == 0])
+    assert not np.array_equal(a[folds != 0], b[folds != 0])
+    # and a search allowed to look at fold 0 would have profited from the leak there
+    from mer.ensembling import tune_biases
+
+    peek = (logp + tune_biases(logp, leaked, grid, 2)).argmax(1)
+    assert (peek[folds == 0] == 4).mean() > (b[folds == 0] == 4).mean()
 
 
 def test_bias_search_never_lowers_the_score_it_reports():
@@ -167,3 +192,84 @@ def test_predict_a_test_set_preprocessed_from_its_own_folder(trained_runs, synth
     out = subprocess.run(_cmd("predict.py", cfg, "--split", "test_B", "--name", "seq", "--cache", str(wrong)),
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "other settings" in out.stderr and out.stdout == ""
+
+
+def test_submission_is_checked_against_the_test_table_as_it_is_now(trained_runs, synth_root, tmp_path):
+    """A table re-sorted, shortened or renamed since preprocessing is an error naming the first
+    difference, never a silently reordered prediction.txt; a table merely re-saved is fine."""
+    from mer.preprocessing import run
+
+    cfg, runs = trained_runs
+    root = tmp_path / "DFME_testB"
+    (root / "frames").mkdir(parents=True)
+    table = pd.read_excel(synth_root / "test_B.xlsx", dtype={"Filename": str})
+    table.to_csv(root / "test_B.csv", index=False)
+    for s in table["Filename"]:
+        (root / "frames" / s).symlink_to(synth_root / "test_data_B" / "test_data_B" / s)
+    cdir = run(root, cfg)
+    meta = __import__("yaml").safe_load((cdir / "meta.yaml").read_text())
+    stored = meta["tables"]["test_B"]
+    assert stored["rows"] == len(table) and len(stored["file_sha256"]) == 64
+    cmd = _cmd("predict.py", cfg, "--split", "test_B", "--name", "seq", "--cache", str(cdir))
+    ok = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    folder = [p for p in _archives(cfg) if p.name.startswith("test_B-seq-")][-1]
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert prov["table"]["samples_sha256"] == stored["samples_sha256"]
+
+    table.iloc[::-1].to_csv(root / "test_B.csv", index=False)  # re-sorted after preprocessing
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "does not match the cache" in out.stderr and "first difference at row 1" in out.stderr
+    table.iloc[:-1].to_csv(root / "test_B.csv", index=False)  # a row less
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and f"{len(table) - 1} rows in the table, {len(table)} cached" in out.stderr
+    table.to_csv(root / "test_B.csv", index=False, lineterminator="\r\n")  # same rows, other bytes
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "re-saved since preprocessing" in out.stderr and out.stdout == ok.stdout
+    other = tmp_path / "Other"  # --root: the table of another dataset
+    other.mkdir()
+    pd.DataFrame({"Filename": ["x1", "x2"], "FPS": [200, 200]}).to_csv(other / "test_B.csv", index=False)
+    out = subprocess.run(cmd + ["--root", str(other)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "2 rows in the table" in out.stderr
+
+
+def test_a_moved_project_still_finds_its_cache_or_says_which_path_is_missing(trained_runs, tmp_path):
+    from mer.predicting import run_cache, run_info
+
+    cfg, runs = trained_runs
+    run = runs["sequence"]
+    info = run_info(run)
+    cache = __import__("pathlib").Path(info["cache"])
+    project = tmp_path / "moved"
+    (project / "runs").mkdir(parents=True)
+    shutil.copytree(run, project / "runs" / run.name)
+    rel = info["cache_relative"]
+    target = (project / "runs" / run.name / rel).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(cache, target)
+    moved_info = dict(info, cache=str(tmp_path / "gone" / cache.name))  # the old absolute path no longer exists
+    assert run_cache(project / "runs" / run.name, moved_info) == target
+    shutil.rmtree(target)
+    with pytest.raises(UserError, match="cache of run .* is missing: not at .*gone.* nor at"):
+        run_cache(project / "runs" / run.name, moved_info)
+
+
+def test_annotated_apex_trains_but_out_of_fold_clips_are_scored_as_test_clips(synth_cache, tmp_path):
+    """model.apex_source=annotated: the training side uses the table's apex map, the held-out
+    fold the max-motion map (test clips have no annotated apex)."""
+    from mer.training import _setup, load_clips
+
+    cfg, cdir = synth_cache
+    cfg = {**cfg, "model": {**cfg["model"], "name": "apex_cnn", "apex_source": "annotated"}}
+    clips = load_clips(cdir, "train", "annotated")
+    assert any(not np.array_equal(a, b) for a, b in zip(clips.apex, clips.apex_annotated))
+    folds = np.arange(len(clips)) % 3
+    from mer.features import roi_specs
+
+    meta = {"cache": str(cdir), "classes": [str(i) for i in range(7)], "rois": roi_specs("default"),
+            "channels": ["u", "v", "mag", "strain"]}
+    st = _setup(clips, folds, 0, 0, cfg, meta, "cpu", None, None)
+    tr, te = np.nonzero(folds != 0)[0], np.nonzero(folds == 0)[0]
+    assert all(np.array_equal(a, clips.apex_annotated[i]) for a, i in zip(st.train_set.apex, tr))
+    assert all(np.array_equal(a, clips.apex[i]) for a, i in zip(st.oof_set.apex, te))
