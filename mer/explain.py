@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from .errors import UserError
+from .features import motion_magnitude
 from .predicting import load_models, run_cache
 from .training import Normaliser, collate, load_clips
 
@@ -68,17 +69,6 @@ def explain(cfg: dict, name: str, sample: str, out: str | None, device: str = "c
     log.info("%s: predicted %s (p=%.2f)%s; wrote %s", sample, classes[int(prob.argmax())], prob.max(),
              f", true {classes[label]}" if label >= 0 else "", out_path)
     return out_path
-
-
-def motion_magnitude(features: np.ndarray, channels: list[str]) -> tuple[np.ndarray, str]:
-    """(T, R) motion per ROI and what it is: |(u, v)| found by channel name, else the mag channel,
-    else the sum of the absolute channels."""
-    if "u" in channels and "v" in channels:
-        f = features[..., [channels.index("u"), channels.index("v")]]
-        return np.hypot(f[..., 0], f[..., 1]), "ROI motion |(u, v)| (% of inner-eye distance)"
-    if "mag" in channels:
-        return features[..., channels.index("mag")], "ROI motion magnitude (% of inner-eye distance)"
-    return np.abs(features).sum(-1), f"sum of |{', '.join(channels) or 'channels'}|"
 
 
 def au_roi_share(model: torch.nn.Module, batch: dict) -> torch.Tensor:

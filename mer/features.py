@@ -7,7 +7,7 @@ so the strongest vectors carry the signal while the rest of the box carries nois
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -109,22 +109,66 @@ FACE_OUTLINE = list(range(0, 17)) + list(range(26, 16, -1))  # jaw, then brows r
 
 @dataclass
 class Motion:
-    """An affine displacement field d(x) = lin @ x + t (crop px), the head's own motion in a flow
-    field; `summary` = [dx, dy, roll_deg] at the nose."""
+    """The head's own displacement field in a flow field (crop px). In coordinates normalised by
+    `origin` and `scale` (q = (p - origin) / scale), d(q) / scale = lin @ q + t - q (g . q): an
+    affine motion for g = 0 (similarity: origin 0, scale 1, d = lin @ p + t), and the first-order
+    expansion of a homography otherwise (g: the perspective terms of a turning or nodding head).
+    `summary` = [dx, dy, roll_deg] at the nose."""
 
     lin: np.ndarray
     t: np.ndarray
     summary: np.ndarray
+    g: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))
+    origin: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))
+    scale: float = 1.0
 
     def at(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The displacement (u, v) at points."""
-        return (self.lin[0, 0] * xs + self.lin[0, 1] * ys + self.t[0],
-                self.lin[1, 0] * xs + self.lin[1, 1] * ys + self.t[1])
+        qx, qy = (xs - self.origin[0]) / self.scale, (ys - self.origin[1]) / self.scale
+        persp = self.g[0] * qx + self.g[1] * qy
+        return (self.scale * (self.lin[0, 0] * qx + self.lin[0, 1] * qy + self.t[0] - qx * persp),
+                self.scale * (self.lin[1, 0] * qx + self.lin[1, 1] * qy + self.t[1] - qy * persp))
+
+    def jacobian(self, x: float, y: float) -> np.ndarray:
+        """d(u, v) / d(x, y) at one point (constant for an affine motion)."""
+        qx, qy = (x - self.origin[0]) / self.scale, (y - self.origin[1]) / self.scale
+        g1, g2 = self.g
+        return self.lin - np.array([[2 * g1 * qx + g2 * qy, g2 * qx], [g1 * qy, g1 * qx + 2 * g2 * qy]], np.float32)
 
     def field(self, size: int) -> np.ndarray:
         """The displacement on the whole size x size crop, (size, size, 2)."""
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
         return np.stack(self.at(xs, ys), -1).astype(np.float32)
+
+
+def _irls(A: np.ndarray, d: np.ndarray, n_points: int, init: np.ndarray | None, iters: int) -> np.ndarray:
+    """Robust least squares for a displacement model d = A p stacked as (all u rows, all v rows):
+    Tukey's biweight on each point's residual length, scale from the median absolute residual,
+    started from `init`; local AU and blink motions get zero weight."""
+    p = np.zeros(A.shape[1]) if init is None else np.asarray(init, np.float64)
+    for _ in range(iters):
+        r = d - A @ p
+        rr = np.hypot(r[:n_points], r[n_points:])  # one residual per point, both components
+        sigma = max(1.4826 * np.median(rr), 1e-3)
+        c = 4.685 * sigma
+        wp = np.where(rr < c, (1 - (rr / c) ** 2) ** 2, 0.0)
+        w = np.concatenate([wp, wp])
+        if w.sum() < 2 * A.shape[1]:
+            break
+        Aw = A * w[:, None]
+        p = np.linalg.lstsq(Aw.T @ A, Aw.T @ d, rcond=None)[0]
+    return p
+
+
+def fit_projective(q: np.ndarray, disp: np.ndarray, init: np.ndarray | None = None, iters: int = 6) -> np.ndarray:
+    """Robust first-order homography of points in normalised coordinates: p = (a11, a12, a21, a22,
+    tx, ty, g1, g2) with d(q) = A q + t - q (g . q), by IRLS (`_irls`)."""
+    x, y = q[:, 0].astype(np.float64), q[:, 1].astype(np.float64)
+    one, zero = np.ones_like(x), np.zeros_like(x)
+    A = np.concatenate([np.stack([x, y, zero, zero, one, zero, -x * x, -x * y], 1),
+                        np.stack([zero, zero, x, y, zero, one, -x * y, -y * y], 1)])
+    d = np.concatenate([disp[:, 0], disp[:, 1]]).astype(np.float64)
+    return _irls(A, d, len(x), init, iters)
 
 
 def fit_similarity(pts: np.ndarray, flow_at: np.ndarray, init: np.ndarray | None = None,
@@ -137,25 +181,14 @@ def fit_similarity(pts: np.ndarray, flow_at: np.ndarray, init: np.ndarray | None
     one, zero = np.ones_like(x), np.zeros_like(x)
     A = np.concatenate([np.stack([x, -y, one, zero], 1), np.stack([y, x, zero, one], 1)])
     d = np.concatenate([flow_at[:, 0], flow_at[:, 1]]).astype(np.float64)
-    p = np.zeros(4) if init is None else np.asarray(init, np.float64)
-    w = np.ones(len(d))
-    for _ in range(iters):
-        r = d - A @ p
-        rr = np.hypot(r[: len(x)], r[len(x):])  # one residual per point, both components
-        sigma = max(1.4826 * np.median(rr), 1e-3)
-        c = 4.685 * sigma
-        wp = np.where(rr < c, (1 - (rr / c) ** 2) ** 2, 0.0)
-        w = np.concatenate([wp, wp])
-        if w.sum() < 8:
-            break
-        Aw = A * w[:, None]
-        p = np.linalg.lstsq(Aw.T @ A, Aw.T @ d, rcond=None)[0]
-    return p
+    return _irls(A, d, len(x), init, iters)
 
 
 class HeadMotion:
     """The head's own motion in a flow field, to subtract before pooling ROIs.
 
+    'homography': as 'similarity', with the 8 parameters of a first-order homography (an affine
+    map plus the perspective terms of a slight turn or nod), fitted robustly at the same points.
     'nose': the translation of the nose ridge (the reference method). 'similarity': translation,
     roll and scale fitted robustly (`fit_similarity`) to the flow sampled at ~300 points over the
     whole face, warm-started from the previous step, so that the local AU and blink motions (a
@@ -163,12 +196,12 @@ class HeadMotion:
 
     def __init__(self, method: str, landmarks: np.ndarray, nose_box: np.ndarray, size: int,
                  points: int = 300):
-        if method not in ("nose", "similarity"):
-            raise ValueError(f"preprocess.head_motion must be nose or similarity, got '{method}'")
+        if method not in ("nose", "similarity", "homography"):
+            raise ValueError(f"preprocess.head_motion must be nose, similarity or homography, got '{method}'")
         self.method, self.nose_box = method, nose_box
         self.nose_xy = np.array([(nose_box[0] + nose_box[2]) / 2, (nose_box[1] + nose_box[3]) / 2], np.float32)
         self.prev = None
-        if method == "similarity":
+        if method in ("similarity", "homography"):
             import cv2
 
             outline = landmarks[FACE_OUTLINE]
@@ -180,11 +213,24 @@ class HeadMotion:
             ys, xs = np.nonzero(mask[step // 2::step, step // 2::step])
             self.ys, self.xs = ys * step + step // 2, xs * step + step // 2
             self.pts = np.stack([self.xs, self.ys], 1).astype(np.float32)
+            self.origin = self.pts.mean(0)  # homography: coordinates normalised over the face
+            self.scale = float(self.pts.std()) or 1.0
+            self.q = (self.pts - self.origin) / self.scale
 
     def __call__(self, flow: np.ndarray) -> Motion:
         if self.method == "nose":
             g = global_motion(flow, self.nose_box)
             return Motion(np.zeros((2, 2), np.float32), g.astype(np.float32), np.array([g[0], g[1], 0.0], np.float32))
+        if self.method == "homography":
+            p = fit_projective(self.q, flow[self.ys, self.xs] / self.scale, self.prev)
+            self.prev = p
+            m = Motion(p[:4].reshape(2, 2).astype(np.float32), p[4:6].astype(np.float32), np.zeros(3, np.float32),
+                       p[6:8].astype(np.float32), self.origin, self.scale)
+            at_nose = m.at(self.nose_xy[:1], self.nose_xy[1:])
+            j = m.jacobian(*self.nose_xy)
+            roll = np.degrees(np.arctan2((j[1, 0] - j[0, 1]) / 2, 1 + (j[0, 0] + j[1, 1]) / 2))
+            m.summary = np.array([at_nose[0][0], at_nose[1][0], roll], np.float32)
+            return m
         p = fit_similarity(self.pts, flow[self.ys, self.xs], self.prev)
         self.prev = p
         a, b, tx, ty = p
@@ -238,12 +284,13 @@ class RoiPooler:
         return np.stack([pooled[c]() for c in self.channels], axis=1).astype(np.float32)
 
     def _top_strain(self, flow: np.ndarray, motion: Motion | None) -> np.ndarray:
-        lin = motion.lin if motion is not None else np.zeros((2, 2), np.float32)
+        zero = np.zeros((2, 2), np.float32)
         out = np.empty(len(self.boxes))
         n = self.size
         for r, ((x0, y0, x1, y1), k) in enumerate(zip(self.boxes, self.k)):
             a0, b0, a1, b1 = max(x0 - 1, 0), max(y0 - 1, 0), min(x1 + 1, n), min(y1 + 1, n)
-            s = optical_strain(flow[b0:b1, a0:a1], lin)[y0 - b0:y1 - b0, x0 - a0:x1 - a0].ravel()
+            jac = motion.jacobian((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2) if motion is not None else zero
+            s = optical_strain(flow[b0:b1, a0:a1], jac)[y0 - b0:y1 - b0, x0 - a0:x1 - a0].ravel()
             out[r] = np.partition(s, len(s) - k)[-k:].mean()
         return out
 
@@ -260,3 +307,14 @@ def grid_frames(numbers: np.ndarray, fps: float, grid_ms: float, max_ms: float) 
     pos = np.where(np.abs(times[prev] - grid) <= np.abs(times[pos] - grid), prev, pos)
     pos = np.unique(pos)
     return pos, times[pos]
+
+
+def motion_magnitude(features: np.ndarray, channels: list[str]) -> tuple[np.ndarray, str]:
+    """(T, R) motion per ROI and what it is: |(u, v)| found by channel name, else the mag channel,
+    else the sum of the absolute channels."""
+    if "u" in channels and "v" in channels:
+        f = features[..., [channels.index("u"), channels.index("v")]]
+        return np.hypot(f[..., 0], f[..., 1]), "ROI motion |(u, v)| (% of inner-eye distance)"
+    if "mag" in channels:
+        return features[..., channels.index("mag")], "ROI motion magnitude (% of inner-eye distance)"
+    return np.abs(features).sum(-1), f"sum of |{', '.join(channels) or 'channels'}|"

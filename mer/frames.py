@@ -69,3 +69,26 @@ class FolderFrames:
 
     def name(self, i: int) -> str:
         return self.paths[i].name
+
+
+def write_video_frames(video: str | Path, folder: str | Path, ext: str = ".png", digits: int = 5) -> tuple[int, float]:
+    """Decode a video into numbered frame images (00001.png, ...) in `folder`, the layout every
+    reader expects; returns (frames written, the video's frame rate)."""
+    cap = cv2.VideoCapture(str(video))
+    if not cap.isOpened():
+        raise ValueError(f"cannot open video {video}")
+    fps = float(cap.get(cv2.CAP_PROP_FPS)) or float("nan")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        n += 1
+        cv2.imwrite(str(folder / f"{n:0{digits}d}{ext}"), frame)
+    cap.release()
+    if n == 0:
+        raise ValueError(f"no frame could be decoded from {video}")
+    return n, fps
+

@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from . import cache as C
 from .errors import UserError
+from .blinks import blink_score, eyelid_rois
 from .data import TEST_SPLITS, Dataset, table_fingerprint
 from .face import Cropper, Detection, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
-from .features import HeadMotion, Motion, RoiPooler, grid_frames, roi_boxes, roi_specs
+from .features import HeadMotion, Motion, RoiPooler, grid_frames, motion_magnitude, roi_boxes, roi_specs
 from .flow import make_flow, optical_strain
 from .frames import FolderFrames, FrameSource
 from .workers import Lost, run_jobs
@@ -79,6 +80,7 @@ class Track:
     numbers: list = field(default_factory=list)
     head: list = field(default_factory=list)
     best: tuple = (-1.0, None, None)
+    motion: list = field(default_factory=list)  # (total ROI motion, position, crop offset) per step
     offset: np.ndarray = field(default_factory=lambda: np.zeros(2))
     apex_flow: np.ndarray | None = None
 
@@ -98,6 +100,11 @@ class Extractor:
         self.specs = roi_specs(p["rois"])
         self.channels = tuple(p["channels"])
         self._flow = make_flow(p["flow"], p["dis_preset"])
+        if p["apex_frame"] not in ("max_motion", "blink_free"):
+            raise ValueError(f"preprocess.apex_frame must be max_motion or blink_free, got '{p['apex_frame']}'")
+        if p["apex_frame"] == "blink_free" and ("v" not in self.channels or len(eyelid_rois(self.specs)) < 2):
+            raise ValueError("preprocess.apex_frame=blink_free finds blinks in the v channel of the two lower-eyelid "
+                             "ROIs: keep v in preprocess.channels and the eyelid ROIs in preprocess.rois")
 
     @property
     def landmarker(self):
@@ -274,6 +281,7 @@ class Extractor:
         reanchor = p["reanchor_px"] * fsize / p["crop_size"]
         rec["reanchors"] = 0
         uv = [self.channels.index(c) for c in ("u", "v") if c in self.channels]
+        blink_free = p["apex_frame"] == "blink_free"
         for i, t in zip(pos, times):
             img = small if i == ref_pos else read(i, factor)
             if img is None:
@@ -288,6 +296,7 @@ class Extractor:
             if frames.numbers[i] == clip.apex:  # the annotated apex on the grid: no second decode
                 track.apex_flow = self._head_free(flow, head)
             motion = float(np.hypot(*f[:, uv].T).sum()) if len(uv) == 2 else float(np.abs(f).sum())
+            track.motion.append((motion, i, track.offset))
             if motion > track.best[0]:  # keep the raw flow; the head-free field only for the last best
                 track.best = (motion, frames.numbers[i], (flow.copy(), head))
             if reanchor > 0 and np.hypot(*g) > reanchor:
@@ -295,9 +304,32 @@ class Extractor:
                 rec["reanchors"] += 1
         if len(track.feats) < 2:
             raise ClipError("fewer than 2 readable frames on the time grid")
+        if blink_free:
+            self._blink_free_apex(track, frames, read, face, factor)
         flow, head = track.best[2]
         track.best = (track.best[0], track.best[1], self._head_free(flow, head))
         return track
+
+    def _blink_free_apex(self, track: "Track", frames: FrameSource, read, face: "Face", factor: int,
+                         margin_ms: float = 40.0) -> None:
+        """The onset-apex frame among steps at least `margin_ms` away from any blink step (the lid
+        starts moving before the eyelid ROIs pass the blink threshold); that frame's flow is
+        computed again if it is not the max-motion one. Without a blink-free step: unchanged."""
+        score = blink_score(np.stack(track.feats) * face.unit, self.specs, list(self.channels))
+        t = np.asarray(track.times)
+        near = np.zeros(len(t), bool)
+        for ms in t[score > 0]:
+            near |= np.abs(t - ms) <= margin_ms
+        if not near.any() or near.all():
+            return
+        motion = np.array([m for m, _, _ in track.motion])
+        k = int(np.argmax(np.where(near, -np.inf, motion)))
+        _, i, offset = track.motion[k]
+        if frames.numbers[i] == track.best[1]:
+            return
+        img = read(i, factor)
+        if img is not None:
+            track.best = (float(motion[k]), frames.numbers[i], self._flow_at(track.ref, img, face, offset))
 
     def _outputs(self, clip: Clip, frames: FrameSource, read, ref_img: np.ndarray, face: "Face",
                  track: "Track") -> dict:
@@ -522,19 +554,20 @@ def inspect_clip(ds: Dataset, cfg: dict, sample: str, out: Path, device: str = "
     u, v = flow[yy, xx, 0] * scale, flow[yy, xx, 1] * scale
     gain = step / max(float(np.percentile(np.hypot(u, v), 99)), 1e-6)
     ax.quiver(xx, yy, u * gain, v * gain, color="white", angles="xy", scale_units="xy", scale=1, width=0.003)
-    ax.set_title(f"flow from frame 1 to peak motion (frame {int(res['apex_motion_frame'])}), arrows x{gain:.0f}",
+    ax.set_title(f"flow from frame 1 to peak motion (frame {int(res['apex_motion_frame'])}), arrows x{gain:.2g}",
                  fontsize=9)
     ax.axis("off")
     ax = axes[2]
     f, t = res["features"], res["times_ms"]
-    mag = np.hypot(f[..., 0], f[..., 1])
+    mag, what = motion_magnitude(f, list(cfg["preprocess"]["channels"]))
     cmap = plt.get_cmap("tab20")
     for r, name in enumerate(d["roi_names"]):
         ax.plot(t, mag[:, r], label=name, color=cmap(r % 20), lw=1.2)
     ax.set_xlabel("time from the first frame (ms)")
-    ax.set_ylabel("ROI motion |(u, v)| (% of inner-eye distance)")
-    ax.set_title(f"ROI motion after head-motion removal ({len(t)} steps of {cfg['preprocess']['grid_ms']:g} ms, "
-                 f"{float(res['fps']):g} fps)", fontsize=9)
+    ax.set_ylabel(what)
+    step = float(np.median(np.diff(t))) if len(t) > 1 else 0.0
+    ax.set_title(f"ROI motion after head-motion removal ({len(t)} steps, {step:.3g} ms apart: "
+                 f"{cfg['preprocess']['grid_ms']:g} ms grid, {float(res['fps']):g} fps)", fontsize=9)
     ax.legend(fontsize=6, ncol=2, loc="upper left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

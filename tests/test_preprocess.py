@@ -460,3 +460,67 @@ def test_of_several_faces_the_largest_most_central_is_chosen_whatever_their_orde
     assert choose_face(np.array(boxes), shape) == 2
     assert choose_face(np.array(boxes[::-1]), shape) == 0
     assert choose_face(np.array([[0, 0, 400, 400], subject]), shape) == 0  # much larger wins
+
+
+def test_homography_head_model_removes_a_turning_head_that_a_similarity_leaves():
+    """A flow field made of a slight out-of-plane turn (an exact homography) plus one local AU
+    blob: the homography fit leaves less of the head's motion in far ROIs than the similarity,
+    and neither removes the AU."""
+    from mer.face import template_landmarks
+    from mer.features import HeadMotion, RoiPooler, roi_boxes
+
+    size = 192
+    lm = template_landmarks(size, 4.6, 0.38)
+    layout = roi_boxes(lm, roi_specs("default"), size, 0.05, [28, 29, 30])
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    H = np.array([[1.004, 0.002, -0.5], [-0.001, 1.003, 0.3], [4e-5, -3e-5, 1.0]])  # yaw/pitch ~1 degree
+    den = H[2, 0] * xs + H[2, 1] * ys + H[2, 2]
+    flow = np.stack([(H[0, 0] * xs + H[0, 1] * ys + H[0, 2]) / den - xs,
+                     (H[1, 0] * xs + H[1, 1] * ys + H[1, 2]) / den - ys], -1)
+    cx, cy = lm[54]
+    blob = np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * 6.0 ** 2))
+    au = np.stack([0.8 * blob, -0.8 * blob], -1)
+    flow = (flow + au).astype(np.float32)
+    pool = RoiPooler(layout.boxes, size, 0.25, ("u", "v"))
+    left = {}
+    for method in ("similarity", "homography"):
+        motion = HeadMotion(method, lm, layout.nose, size)(flow)
+        left[method] = pool(flow, motion)
+    far = [ROI["brow_left"], ROI["brow_right"], ROI["nose_31"], ROI["eyelid_left"]]
+    residual = {m: np.abs(f[far]).max() for m, f in left.items()}
+    assert residual["homography"] < 0.5 * residual["similarity"], residual
+    au_roi = ROI["mouth_54"]
+    for f in left.values():
+        assert np.hypot(*f[au_roi]) > 0.7  # the AU itself stays
+
+
+def test_blink_free_apex_skips_the_blink_that_max_motion_picks(tmp_path):
+    clip, truth = render(tmp_path, [12], blink_prob=1.0, blink_kinds=(1.0, 0.0, 0.0), amplitude_px=(1.0, 1.2),
+                         head_motion=0.3)
+    t, closure = truth["times_ms"], truth["blink"]
+    frames = {}
+    for mode in ("max_motion", "blink_free"):
+        res = Extractor(work_config(tmp_path, **{"preprocess.apex_frame": mode})).process(clip)
+        k = list(res["frame_numbers"]).index(int(res["apex_motion_frame"]))
+        frames[mode] = res["times_ms"][k]
+    def closed(ms):
+        return np.interp(ms, t, closure) > 0.05
+    assert closed(frames["max_motion"])  # the lid's motion dwarfs the smile
+    assert not closed(frames["blink_free"])
+    lo, hi = peak_window(truth, 12)
+    assert lo - 40 <= frames["blink_free"] <= hi + 40  # the smile's peak instead
+    with pytest.raises(ValueError, match="apex_frame=blink_free finds blinks in the v channel"):
+        Extractor(work_config(tmp_path, **{"preprocess.apex_frame": "blink_free", "preprocess.channels": "[mag]"}))
+
+
+def test_channels_are_found_by_name_in_preprocessing_inspect_and_training(synth_root, tmp_path):
+    root = _small_copy(synth_root, tmp_path / "D", {"train": _names(synth_root, "train.xlsx", 6)})
+    cfg = work_config(tmp_path, **{"preprocess.channels": "[mag, strain]"})
+    cdir = run(root, cfg)
+    z = C.load_clip(next((cdir / "train" / "clips").glob("*.npz")))
+    assert z["features"].shape[-1] == 2 and (z["features"][..., 0] >= 0).all()  # mag first: never negative
+    png = run(root, cfg, inspect=_names(synth_root, "train.xlsx", 1)[0], inspect_out=str(tmp_path / "i.png"))
+    assert png.stat().st_size > 20_000
+    from mer.training import load_clips
+
+    assert load_clips(cdir, "train", channels=["strain"]).features[0].shape[-1] == 1
