@@ -48,10 +48,13 @@ class Row:
     combine: tuple[str, ...] = ()  # rows whose predictions this row combines
     weights: str = "equal"  # combine: equal | nested (weights searched on the other folds)
     bias: bool = False  # per-class logit biases tuned on the other folds
+    rescore: bool = False  # the default's models, predicting their held-out folds with this row's predict.* sets
+    extra: bool = False  # with the generated extra database (CAS(ME)^3-like) as declared extra training data
+    baseline: str = "default"  # the row its paired difference is measured against
 
     @property
     def trained(self) -> bool:
-        return not self.combine and self.seeds is None
+        return not self.combine and self.seeds is None and not self.rescore
 
 
 ROWS: tuple[Row, ...] = (
@@ -76,6 +79,21 @@ ROWS: tuple[Row, ...] = (
         combine=("default", "apex_cnn"), weights="nested"),
     Row("bias_nested", "default + per-class logit biases tuned on the other folds", combine=("default",),
         bias=True),
+    # beyond the winner (mer/blinks.py, mer/pretraining.py, the AU head, test-time mirroring)
+    Row("au_multitask", "auxiliary AU head (weighted BCE on the table's AU column, weight 0.5)",
+        ("train.au_weight=0.5",)),
+    Row("tta_mirror", "test-time mirroring: mean of the clip's and its mirror's logits (the default's models)",
+        ("predict.tta=mirror",), rescore=True),
+    Row("blink_mask", "brow and eyelid ROIs zeroed on blink steps", ("model.blink=mask",)),
+    Row("blink_gate", "brow and eyelid ROIs scaled by 1 - blink score", ("model.blink=gate",)),
+    Row("blink_interp", "brow and eyelid ROIs interpolated across blink steps", ("model.blink=interp",)),
+    Row("apex_blink_free", "onset-apex baseline with the blink-free max-motion frame",
+        ("model.name=apex_cnn", "preprocess.apex_frame=blink_free"), baseline="apex_cnn"),
+    Row("head_homography", "head motion: first-order homography (turns and nods) instead of a similarity",
+        ("preprocess.head_motion=homography",)),
+    Row("pretrain", "masked ROI-motion pretraining per fold (training side only), then fine-tuning",
+        ("pretrain.enabled=true",)),
+    Row("extra_database", "plus a generated CAS(ME)^3-like database as declared extra training data", extra=True),
 )
 DEFAULT_ROW = "default"
 
@@ -90,6 +108,7 @@ def select_rows(names: list[str] | None) -> list[Row]:
     wanted.add(DEFAULT_ROW)
     for n in list(wanted):
         wanted.update(by_name[n].combine)
+        wanted.add(by_name[n].baseline)
     return [r for r in ROWS if r.name in wanted]
 
 
@@ -107,11 +126,28 @@ class Bench:
 
     @property
     def root(self) -> Path:
-        return self.work / f"DFME_{self.synth.difficulty}_{self.synth.subjects}s_{self.synth.seed}"
+        return self.root_of(self.synth)
 
-    def config(self, row: Row) -> dict:
+    def root_of(self, synth) -> Path:
+        return self.work / f"DFME_{synth.difficulty}_{synth.subjects}s_{synth.seed}"
+
+    @property
+    def extra_synth(self):
+        """The extra database of the `extra` rows: another camera and set of subjects, CAS(ME)^3-like
+        (30 fps, 640x480, smaller faces, longer clips), half as many clips as the main set."""
+        from dataclasses import replace as _replace
+
+        s = self.synth
+        n = max(4, s.subjects // 2)
+        return _replace(s, subjects=n, split_subjects=(n, 0, 0), total_clips=max(8, (s.total_clips or 0) // 2),
+                        seed=s.seed + 1000, fps=(30,), width=640, height=480, face_width=230.0, difficulty="casme3like",
+                        me_ms=(400.0, 1100.0), neutral_ms=(100.0, 300.0))
+
+    def config(self, row: Row, extra_cache: Path | None = None) -> dict:
         sets = [f"preprocess.cache_dir={self.work / 'cache'}", f"train.run_dir={self.work / 'runs'}",
                 f"train.seeds={self.seeds}"] + list(self.base_sets) + list(row.sets)
+        if row.extra and extra_cache is not None:
+            sets.append(f"train.extra=[{extra_cache}]")
         return load_config(overrides=sets)
 
 
@@ -136,10 +172,11 @@ def plan_table(synth) -> tuple[list, pd.DataFrame]:
     return specs, table
 
 
-def _dataset(bench: Bench, table: pd.DataFrame) -> Dataset:
+def _dataset(bench: Bench, table: pd.DataFrame, synth=None, root: Path | None = None) -> Dataset:
     from .synth import EMOTIONS
 
-    return Dataset(f"synth-{bench.synth.difficulty}", bench.root, table[SCHEMA].copy(), list(EMOTIONS))
+    synth = synth or bench.synth
+    return Dataset(f"synth-{synth.difficulty}", root or bench.root, table[SCHEMA].copy(), list(EMOTIONS))
 
 
 _WORK: dict = {}
@@ -193,19 +230,30 @@ def _preprocess_clip(spec) -> tuple[str, int, float]:
 
 
 def preprocess_variants(bench: Bench, rows: list[Row], workers: int) -> dict[str, Path]:
-    """Cache every clip under every preprocessing setting the rows need; return row -> cache dir."""
-    specs, table = plan_table(bench.synth)
-    bench.root.mkdir(parents=True, exist_ok=True)
-    table.to_csv(bench.root / "train.csv", index=False)  # the table, with the generator's truth columns
-    ds = _dataset(bench, table)
-    caches, variants = {}, {}
+    """Cache every clip under every preprocessing setting the rows need; return row -> cache dir
+    (and '_extra' -> the extra database's cache, when a row uses it)."""
+    variants, caches = {}, {}
     for row in rows:
         if not row.trained:
             continue
         cfg = bench.config(row)
-        cdir = C.cache_dir(cfg, bench.root)
-        caches[row.name] = cdir
-        variants.setdefault(str(cdir), cfg)
+        caches[row.name] = C.cache_dir(cfg, bench.root)
+        variants.setdefault(str(caches[row.name]), cfg)
+    _stream_set(bench, bench.synth, bench.root, variants, workers)
+    if any(r.extra for r in rows):
+        extra_root = bench.root_of(bench.extra_synth)
+        cfg = bench.config(next(r for r in rows if r.extra))
+        caches["_extra"] = C.cache_dir(cfg, extra_root)
+        _stream_set(bench, bench.extra_synth, extra_root, {str(caches["_extra"]): cfg}, workers)
+    return caches
+
+
+def _stream_set(bench: Bench, synth, root: Path, variants: dict[str, dict], workers: int) -> None:
+    """Render the clips of one generated set in memory and cache them under every variant."""
+    specs, table = plan_table(synth)
+    root.mkdir(parents=True, exist_ok=True)
+    table.to_csv(root / "train.csv", index=False)  # the table, with the generator's truth columns
+    ds = _dataset(bench, table, synth, root)
     for cdir, cfg in variants.items():
         save_config(cfg, Path(cdir) / "config.yaml")
     todo = [s for s in specs if any(not C.clip_file(Path(d), "train", s.filename).is_file() for d in variants)]
@@ -213,7 +261,7 @@ def preprocess_variants(bench: Bench, rows: list[Row], workers: int) -> dict[str
              len(variants), len(todo))
     t0, cpu, rendered = time.time(), 0.0, 0
     if todo:
-        args = ([(cfg, d) for d, cfg in variants.items()], bench.synth)
+        args = ([(cfg, d) for d, cfg in variants.items()], synth)
         bar = tqdm(total=len(todo), desc="render+preprocess", unit="clip", file=sys.stderr, dynamic_ncols=True)
         if workers > 1:
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
@@ -237,7 +285,7 @@ def preprocess_variants(bench: Bench, rows: list[Row], workers: int) -> dict[str
 
     for cdir, cfg in variants.items():
         cdir = Path(cdir)
-        C.write_meta(cdir, {"dataset": ds.name, "root": str(bench.root.resolve()), "key": cdir.name,
+        C.write_meta(cdir, {"dataset": ds.name, "root": str(root.resolve()), "key": cdir.name,
                             "classes": ds.classes, "rois": roi_specs(cfg["preprocess"]["rois"]),
                             "channels": list(cfg["preprocess"]["channels"]), "splits": ["train"],
                             "feature_version": C.FEATURE_VERSION, "table_rows": {"train": len(table)},
@@ -246,7 +294,6 @@ def preprocess_variants(bench: Bench, rows: list[Row], workers: int) -> dict[str
         bad = m[m["status"] != "ok"]
         if len(bad):
             log.warning("%s: %d clip(s) not usable (%s)", cdir, len(bad), bad["reason"].value_counts().to_dict())
-    return caches
 
 
 # ----------------------------------------------------------------------------- training
@@ -261,7 +308,7 @@ def train_rows(bench: Bench, rows: list[Row], caches: dict[str, Path], device: s
     for row in rows:
         if not row.trained:
             continue
-        cfg = bench.config(row)
+        cfg = bench.config(row, caches.get("_extra"))
         run_dir = Path(cfg["train"]["run_dir"]) / row.name
         if folds is not None and not (run_dir / "folds.csv").is_file():
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +317,39 @@ def train_rows(bench: Bench, rows: list[Row], caches: dict[str, Path], device: s
         runs[row.name] = run_training(caches[row.name], cfg, row.name, "all", bench.seeds, device, jobs)
         if row.name == DEFAULT_ROW:
             folds = run_dir / "folds.csv"
+    for row in rows:
+        if row.rescore:
+            runs[row.name] = rescore(runs[DEFAULT_ROW], Path(bench.config(row)["train"]["run_dir"]) / row.name,
+                                     bench.config(row), device)
     return runs
+
+
+def rescore(source: Path, out: Path, cfg: dict, device: str) -> Path:
+    """Out-of-fold predictions of `source`'s models with other prediction settings (cfg's predict
+    section, e.g. test-time mirroring), written as a run folder of their own (resumable)."""
+    from .predicting import load_models, run_cache
+    from .training import Normaliser, load_clips, mirror_inputs, predict_heads, write_oof
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("run.json", "folds.csv"):
+        shutil.copy(source / f, out / f)
+    info = json.loads((source / "run.json").read_text())
+    folds = pd.read_csv(source / "folds.csv", dtype={"sample": str})
+    models = load_models(source, device)
+    clips = load_clips(run_cache(source, info), "train", models[0].apex_source, channels=models[0].channels,
+                       blink=models[0].blink)
+    fold_of = dict(zip(folds["sample"], folds["fold"]))
+    tta = cfg["predict"]["tta"]
+    for m in models:
+        path = out / f"fold{m.fold}" / f"seed{m.seed}" / "oof.csv"
+        if path.is_file():
+            continue
+        held = clips.subset(np.array([i for i, s in enumerate(clips.samples) if fold_of.get(s) == m.fold], int))
+        heads = predict_heads(m.model, held, Normaliser(m.norm_scale), device, tta=tta,
+                              mirror_with=mirror_inputs({"rois": m.rois or info["rois"], "channels": info["channels"]}))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_oof(path, held, m.fold, m.seed, heads, len(info["classes"]), m.au_vocab or [])
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -363,9 +442,12 @@ def bootstrap_ci(y: np.ndarray, pred: np.ndarray, k: int, n_boot: int = 2000, se
     return float(lo), float(hi)
 
 
-def score_rows(rows: list[Row], runs: dict[str, Path], n_boot: int = 2000) -> tuple[pd.DataFrame, dict]:
+def score_rows(rows: list[Row], runs: dict[str, Path], n_boot: int = 2000,
+               blinks: dict[str, bool] | None = None) -> tuple[pd.DataFrame, dict]:
     """One line per row: per-seed UF1/UAR (mean +- std), ensemble UF1/UAR, paired difference to the
-    default with its bootstrap interval; on the clips every row has (the default's folds)."""
+    row's baseline (the default unless said) with its bootstrap interval; on the clips every row
+    has (the default's folds). blinks: sample -> whether it shows a blink, for UF1 on the clips
+    with and without blinks apart."""
     folds_df = pd.read_csv(runs[DEFAULT_ROW] / "folds.csv", dtype={"sample": str})
     from .report import read_oof
 
@@ -392,8 +474,13 @@ def score_rows(rows: list[Row], runs: dict[str, Path], n_boot: int = 2000) -> tu
                     uar_mean=np.mean(s_uar), uar_std=np.std(s_uar), uf1_ens=np.mean([x["uf1"] for x in f]),
                     uar_ens=np.mean([x["uar"] for x in f]), acc_ens=np.mean([x["acc"] for x in f]))
         line["uf1_ens_lo"], line["uf1_ens_hi"] = bootstrap_ci(y, final[r.name], k, n_boot)
+        if blinks:
+            has = np.array([blinks.get(x, False) for x in samples])
+            for key, sel in (("uf1_blink", has), ("uf1_no_blink", ~has)):
+                line[key] = np.mean([_uf1(y[sel], q[sel], k) for q in final[r.name]]) if sel.any() else np.nan
         if r.name != DEFAULT_ROW:
-            line["d_uf1"], line["d_lo"], line["d_hi"] = bootstrap_diff(y, final[r.name], final[DEFAULT_ROW], k, n_boot)
+            line["baseline"] = r.baseline
+            line["d_uf1"], line["d_lo"], line["d_hi"] = bootstrap_diff(y, final[r.name], final[r.baseline], k, n_boot)
         lines.append(line)
     table = pd.DataFrame(lines)
     extra = {"n_clips": len(y), "classes": k, "labels": np.bincount(y, minlength=k).tolist(),
@@ -426,13 +513,22 @@ def au_ceiling(table: pd.DataFrame, folds_df: pd.DataFrame) -> float:
 
 def to_markdown(table: pd.DataFrame, header: str) -> str:
     """The table as markdown, one line per row."""
+    blink = "uf1_blink" in table
     lines = [header, "",
-             "| row | what | UF1 per seed | UAR per seed | UF1 seed ensemble [95% CI] | ΔUF1 vs default [95% CI] |",
-             "|---|---|---|---|---|---|"]
+             "| row | what | UF1 per seed | UAR per seed | UF1 seed ensemble [95% CI] | ΔUF1 [95% CI] |"
+             + (" UF1 with / without blinks |" if blink else ""),
+             "|---|---|---|---|---|---|" + ("---|" if blink else "")]
     for r in table.itertuples():
-        d = "—" if pd.isna(getattr(r, "d_uf1", np.nan)) else f"{r.d_uf1:+.3f} [{r.d_lo:+.3f}, {r.d_hi:+.3f}]"
-        lines.append(f"| {r.row} | {r.what} | {r.uf1_mean:.3f} ± {r.uf1_std:.3f} | {r.uar_mean:.3f} ± {r.uar_std:.3f} "
-                     f"| {r.uf1_ens:.3f} [{r.uf1_ens_lo:.3f}, {r.uf1_ens_hi:.3f}] | {d} |")
+        if pd.isna(getattr(r, "d_uf1", np.nan)):
+            d = "—"
+        else:
+            versus = "" if getattr(r, "baseline", DEFAULT_ROW) == DEFAULT_ROW else f" vs {r.baseline}"
+            d = f"{r.d_uf1:+.3f} [{r.d_lo:+.3f}, {r.d_hi:+.3f}]{versus}"
+        line = (f"| {r.row} | {r.what} | {r.uf1_mean:.3f} ± {r.uf1_std:.3f} | {r.uar_mean:.3f} ± {r.uar_std:.3f} "
+                f"| {r.uf1_ens:.3f} [{r.uf1_ens_lo:.3f}, {r.uf1_ens_hi:.3f}] | {d} |")
+        if blink:
+            line += f" {r.uf1_blink:.3f} / {r.uf1_no_blink:.3f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -452,15 +548,17 @@ def run_ablation(work: Path, synth, rows: list[Row], seeds: list[int], workers: 
     t_pre = time.time() - t0
     runs = train_rows(bench, rows, caches, device, jobs)
     t_train = time.time() - t0 - t_pre
-    table, extra = score_rows(rows, runs, n_boot)
+    truth = pd.read_csv(bench.root / "train.csv", dtype={"sample": str})
+    table, extra = score_rows(rows, runs, n_boot, dict(zip(truth["sample"], truth["blink"].astype(str) != "none")))
     folds_df = pd.read_csv(runs[DEFAULT_ROW] / "folds.csv", dtype={"sample": str})
-    extra["au_ceiling_uf1"] = au_ceiling(pd.read_csv(bench.root / "train.csv", dtype={"sample": str}), folds_df)
+    extra["au_ceiling_uf1"] = au_ceiling(truth, folds_df)
     s = synth
     header = (f"Ablation on {extra['n_clips']} generated clips ({s.difficulty} difficulty, {s.subjects} subjects, "
               f"seed {s.seed}; 5-fold subject-independent out-of-fold predictions; seeds {seeds}; "
               f"preprocessing {t_pre / 60:.0f} min, training {t_train / 60:.0f} min on this machine). "
-              "ΔUF1: the row's seed-ensemble UF1 minus the default's on the same clips (for seeds_1: single "
-              f"seeds), 95% interval from {n_boot:,} bootstrap resamples of the clips. A perfect AU detector "
+              "ΔUF1: the row's seed-ensemble UF1 minus the default's (or the named row's) on the same clips "
+              f"(for seeds_1: single seeds), 95% interval from {n_boot:,} bootstrap resamples of the clips; UF1 "
+              "with / without blinks: on the clips whose frames show a blink and on the others. A perfect AU detector "
               f"(logistic regression on the true AUs, same folds) would reach UF1 {extra['au_ceiling_uf1']:.3f}.")
     md = to_markdown(table, header)
     out = Path(out or bench.work / "ablation")

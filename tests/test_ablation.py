@@ -4,6 +4,7 @@ end-to-end run on a tiny streamed set, with resume."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mer.ablation import _uf1, bootstrap_ci, bootstrap_diff, combine_nested, select_rows
@@ -60,24 +61,37 @@ def test_ablation_end_to_end_streams_trains_scores_and_resumes(tmp_path, capsys)
     from mer.bench import main
 
     args = ["ablate", "--work", str(tmp_path / "abl"), "--clips", "21", "--subjects", "7",
-            "--rows", "channels_uv", "seeds_1", "--seeds", "0", "1", "--workers", "1", "--jobs", "1",
+            "--rows", "channels_uv", "seeds_1", "tta_mirror", "extra_database", "--seeds", "0", "1",
+            "--workers", "1", "--jobs", "1",
             "--bootstrap", "50", "--synth-set", "width=320", "--synth-set", "height=240",
             "--synth-set", "me_ms=[250,300]", "--synth-set", "neutral_ms=[40,60]", "--synth-set", "fps=[200]",
             "--set", "train.epochs=2", "--set", "train.min_steps=1", "--set", "train.folds=3", "--set", "model.sequence.depth=1",
             "--set", "model.sequence.dim=16", "--set", "model.sequence.heads=2"]
     main(args)
     table = capsys.readouterr().out
-    assert "| default |" in table and "| channels_uv |" in table and "| seeds_1 |" in table
+    for row in ("default", "channels_uv", "seeds_1", "tta_mirror", "extra_database"):
+        assert f"| {row} |" in table
+    assert "UF1 with / without blinks" in table
     result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     rows = {r["row"]: r for r in result["table"]}
     assert result["n_clips"] == 21 and result["seeds"] == [0, 1]
     assert rows["default"]["seeds"] == 2 and 0 <= rows["default"]["uf1_ens"] <= 1
     assert rows["channels_uv"]["d_lo"] <= rows["channels_uv"]["d_uf1"] <= rows["channels_uv"]["d_hi"]
     assert 0 < result["au_ceiling_uf1"] <= 1
-    caches = list((tmp_path / "abl" / "cache").glob("*/*/train/clips"))
-    assert len(caches) == 1 and len(list(caches[0].glob("*.npz"))) == 21  # one cache: rows differ in training only
+    caches = sorted((tmp_path / "abl" / "cache").glob("*/*/train/clips"))
+    # one cache for the main set (rows differ in training only) and one for the extra database
+    assert len(caches) == 2 and sorted(len(list(c.glob("*.npz"))) for c in caches) == [10, 21]
     models = sorted((tmp_path / "abl" / "runs").glob("*/fold*/seed*/model.pt"))
-    assert len(models) == 2 * 3 * 2  # 2 trained rows x 3 folds x 2 seeds
+    assert len(models) == 3 * 3 * 2  # 3 trained rows (default, channels_uv, extra_database) x 3 folds x 2 seeds
+    # the mirror row rescored the default's own models: same folds, other logits
+    a = pd.read_csv(tmp_path / "abl" / "runs" / "default" / "fold0" / "seed0" / "oof.csv")
+    b = pd.read_csv(tmp_path / "abl" / "runs" / "tta_mirror" / "fold0" / "seed0" / "oof.csv")
+    assert list(a["sample"]) == list(b["sample"]) and not np.allclose(a["logit_0"], b["logit_0"])
+    extra = json.loads((tmp_path / "abl" / "runs" / "extra_database" / "run.json").read_text())["extra"]
+    assert extra and extra[0]["clips"] == 10  # declared, training side only
+    oof = pd.concat(pd.read_csv(f) for f in (tmp_path / "abl" / "runs" / "extra_database").glob("fold*/seed0/oof.csv"))
+    assert sorted(oof["sample"]) == sorted(a["sample"].tolist() + [s for f in (tmp_path / "abl" / "runs" / "default").glob(
+        "fold[12]/seed0/oof.csv") for s in pd.read_csv(f)["sample"]])  # the extra clips are never scored
     stamps = {p: p.stat().st_mtime_ns for p in models}
     main(args)  # resume: nothing is recomputed, the same table comes out
     assert capsys.readouterr().out.splitlines()[1:] == table.splitlines()[1:]  # the header holds timings
