@@ -26,7 +26,7 @@ def main() -> None:
                         "(shortcut for --set train.extra=[...]; classes mapped by train.extra_class_map)")
     add_device_arg(parser)
     parser.add_argument("--jobs", default="auto", help="models trained in parallel processes (auto: one per "
-                        "CPU core on CPU, 1 on GPU)")
+                        "CPU core on CPU; on a GPU as many as its free memory holds, see train.gpu_job_mb)")
     parser.add_argument("--pretrain", action="store_true", help="self-supervised masked ROI-motion pretraining "
                         "first, one encoder per fold on its training side (shortcut for --set pretrain.enabled=true)")
     parser.add_argument("--explain", metavar="SAMPLE", help="write the attention heatmap of one train clip")

@@ -22,6 +22,7 @@ import pandas as pd
 
 from .cli import setup_logging
 from .config import load_config
+from .errors import UserError
 
 log = logging.getLogger("mer.bench")
 
@@ -139,7 +140,7 @@ def bench_preprocess(args: argparse.Namespace) -> None:
     p = cfg["preprocess"]
     print(f"preprocess benchmark: flow={p['flow']} ({p['dis_preset']}) at {p['flow_size']} px, grid {p['grid_ms']:g} ms, "
           f"head motion {p['head_motion']}; generated clips (easy preset), {args.limit} per frame kind")
-    ex = Extractor(cfg)
+    ex = Extractor(cfg)  # the CPU path: decoding and flow are CPU work on every machine
     ex.landmarker  # model loading is once per worker, not per clip: keep it out of the timings
     probe_root, biggest = None, (0, None)
     for kind in args.frames:
@@ -168,6 +169,30 @@ def bench_preprocess(args: argparse.Namespace) -> None:
     if not args.skip_reference:
         _reference_comparison(probe_root, cfg, ex, args)
     print(f"  peak memory of one worker on a 500-frame clip: {_peak_memory(biggest[1], args):.0f} MB (target < 1024 MB)")
+    if args.device != "cpu":
+        _landmarks_per_second(probe_root, cfg, args.device)
+
+
+def _landmarks_per_second(root: Path, cfg: dict, device: str) -> None:
+    """Frames per second of the FAN landmarker on `device` against dlib on one CPU core."""
+    from .face import make_landmarker
+    from .frames import FolderFrames
+
+    folder = next(p for p in sorted(root.rglob("*")) if p.is_dir() and any(p.glob("*.png")))
+    frames = FolderFrames.of(folder)
+    imgs = [frames.read(i) for i in range(min(20, len(frames)))]
+    for name, dev in (("dlib", "cpu"), ("fan", device)):
+        try:
+            lm = make_landmarker(name, cfg["preprocess"]["detect_upsample"], dev, cfg["preprocess"]["detect_width"])
+        except UserError as e:
+            print(f"  landmarks {name} on {dev}: not measured ({e})")
+            continue
+        lm(imgs[0])  # warm-up (model load, CUDA kernels)
+        t0 = time.time()
+        for img in imgs:
+            lm(img)
+        print(f"  landmarks {name} on {dev}: {len(imgs) / (time.time() - t0):.1f} frames per second "
+              f"({imgs[0].shape[1]}x{imgs[0].shape[0]})")
 
 
 def _reference_comparison(root: Path, cfg: dict, ex, args: argparse.Namespace) -> None:
@@ -266,7 +291,7 @@ def bench_train(args: argparse.Namespace) -> None:
     for model in () if args.only_full else ("sequence", "apex_cnn"):
         mcfg = load_config(args.config, base + [f"model.name={model}"])
         t0 = time.time()
-        run_dir = run_training(cdir, mcfg, f"bench_{model}", "all", args.seeds, "cpu", args.jobs)
+        run_dir = run_training(cdir, mcfg, f"bench_{model}", "all", args.seeds, args.device, args.jobs)
         rep = json.loads((run_dir / "report.json").read_text())
         figures[model] = rep
         speed = pd.concat([pd.read_csv(f) for f in run_dir.glob("fold*/seed*/metrics.csv")])["clips_per_s"].median()
@@ -280,12 +305,13 @@ def bench_train(args: argparse.Namespace) -> None:
         return
     big = _replicate_cache(cdir, work / "cache_1856" / "x" / "key", 1856, 176)
     t0 = time.time()
-    run_dir = run_training(big, load_config(args.config, base), "bench_full_1856", "all", None, "cpu", args.jobs)
+    run_dir = run_training(big, load_config(args.config, base), "bench_full_1856", "all", None, args.device, args.jobs)
     wall = time.time() - t0
+    n_models = len(list(run_dir.glob("fold*/seed*/model.pt")))
     speed = pd.concat([pd.read_csv(f) for f in run_dir.glob("fold*/seed*/metrics.csv")])["clips_per_s"].median()
-    print(f"  full 5-fold x 3-seed run on 1,856 clips: {wall / 60:.1f} min wall "
-          f"({speed:.0f} training clips/s per job, jobs={args.jobs}; target < 15 min; its scores mean "
-          "nothing: the clips are repeats, for timing only)")
+    print(f"  full 5-fold x 3-seed run on 1,856 clips, device {args.device}: {wall / 60:.1f} min wall, "
+          f"{n_models / (wall / 60):.2f} models per minute ({speed:.0f} training clips/s per job, jobs={args.jobs}; "
+          "target < 15 min; its scores mean nothing: the clips are repeats, for timing only)")
 
 
 def add_ablation_args(parser: argparse.ArgumentParser) -> None:
@@ -296,7 +322,6 @@ def add_ablation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--difficulty", default="dfme", help="ablate: generator preset")
     g.add_argument("--synth-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="ablate: change a generator setting, e.g. --synth-set label_noise=0")
-    g.add_argument("--device", default="cpu", help="ablate: training device (auto, cpu, cuda)")
     g.add_argument("--out", help="ablate: table path without suffix (default WORK/ablation)")
     g.add_argument("--bootstrap", type=int, default=2000, help="ablate: bootstrap resamples")
 
@@ -307,7 +332,6 @@ def bench_ablate(args: argparse.Namespace) -> None:
 
     from .ablation import run_ablation, select_rows
     from .cli import cpu_count
-    from .devices import parse_device
     from .synth import SynthConfig
 
     overrides = {}
@@ -320,7 +344,7 @@ def bench_ablate(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds_given else [0, 1, 2]
     work = Path(args.work or Path(tempfile.gettempdir()) / f"mer_ablate_{args.difficulty}_{args.clips}_{args.seed}")
     rows = select_rows(args.rows)
-    table = run_ablation(work, synth, rows, seeds, args.workers or cpu_count(), parse_device(args.device),
+    table = run_ablation(work, synth, rows, seeds, args.workers or cpu_count(), args.device,
                          args.jobs, args.set, Path(args.out) if args.out else None, args.bootstrap)
     print((Path(args.out) if args.out else work / "ablation").with_suffix(".md").read_text())
     del table
@@ -344,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-full", action="store_true", help="train: skip the 1,856-clip timing run")
     parser.add_argument("--only-full", action="store_true", help="train: only the 1,856-clip timing run")
     parser.add_argument("--work", help="train: folder for caches and runs (default: a new temp folder)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto: where models train (train, "
+                        "ablate) and FAN runs (preprocess); a GPU benchmark on a machine without one says so and "
+                        "exits 0")
     parser.add_argument("--config")
     parser.add_argument("--set", action="append", default=[])
     add_ablation_args(parser)
@@ -352,6 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     args.clips = args.clips or (400 if args.what == "ablate" else 60)
     args.seeds = args.seeds or [0]
     setup_logging()
+    from .devices import cuda_count, is_cuda, parse_device
+
+    if is_cuda(args.device) and cuda_count() == 0:
+        print(f"--device {args.device}: no CUDA device is visible on this machine, so the GPU benchmark cannot run "
+              "here (CPU-only); run it where torch sees a GPU, or use --device cpu")
+        return
+    try:
+        args.device = parse_device(args.device)
+    except UserError as e:
+        parser.error(str(e))
     {"preprocess": bench_preprocess, "train": bench_train, "ablate": bench_ablate}[args.what](args)
 
 

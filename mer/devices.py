@@ -22,6 +22,11 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
 
 
+def is_cuda(text: str) -> bool:
+    """Whether `text` is a well-formed CUDA device string ('cuda' or 'cuda:N')."""
+    return _CUDA.fullmatch(str(text).strip().lower()) is not None
+
+
 def parse_device(text: str) -> str:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device string torch accepts, checked against this
     machine ('auto': cuda when a GPU is visible, else cpu)."""

@@ -668,15 +668,26 @@ def _pretrain(clips: ClipData, folds: np.ndarray, todo_folds: list[int], extra_c
     return dict(zip(todo_folds, paths))
 
 
-def resolve_jobs(jobs: int | str, device: str, n_runs: int) -> int:
-    """'auto': one process per CPU core (each on one thread) on CPU, one on a GPU."""
+def resolve_jobs(jobs: int | str, device: str, n_runs: int, gpu_job_mb: float = 1500.0) -> int:
+    """'auto': one process per CPU core (each on one thread) on CPU; on a GPU as many as its free
+    memory holds at `gpu_job_mb` each (a CUDA context plus one small model and its batches), at
+    most one per CPU core."""
     if jobs == "auto":
-        jobs = 1 if device.startswith("cuda") else cpu_count()
+        jobs = gpu_jobs(device, gpu_job_mb) if device.startswith("cuda") else cpu_count()
     try:
         jobs = int(jobs)
     except ValueError:
         raise UserError(f"--jobs must be a number or auto, got '{jobs}'") from None
     return max(1, min(jobs, n_runs))
+
+
+def gpu_jobs(device: str, job_mb: float) -> int:
+    """Models that fit side by side on the GPU `device` (its free memory now, 80% of it used)."""
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    n = max(1, int(0.8 * free / (job_mb * 2**20)))
+    log.info("--jobs auto: %.1f GB free on %s, %d model(s) at a time (train.gpu_job_mb=%g)", free / 2**30, device,
+             min(n, cpu_count()), job_mb)
+    return min(n, cpu_count())
 
 
 def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: list[int] | None = None,
@@ -721,7 +732,7 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
     for line in describe(extra_records):
         log.info("extra training data (training side of every fold only): %s", line)
     pairs = [(f, s) for f in todo_folds for s in seeds]
-    jobs = resolve_jobs(jobs, device, len(pairs))
+    jobs = resolve_jobs(jobs, device, len(pairs), float(cfg["train"].get("gpu_job_mb", 1500)))
     threads = int(cfg["train"]["num_threads"]) or (max(1, cpu_count() // jobs) if jobs > 1 else 0)
     log.info("run %s: %d clips, %d folds (%s), seeds %s, model %s, device %s, %d parallel job(s)", run_dir,
              len(clips), n_folds, cfg["train"]["protocol"], seeds, cfg["model"]["name"], device, jobs)
