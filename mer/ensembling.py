@@ -4,7 +4,6 @@ logit biases tuned nested over folds (so the gain they report is honest), and th
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
 from pathlib import Path

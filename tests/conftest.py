@@ -104,3 +104,25 @@ def trained_runs(synth_cache):
     apex_cfg = {**cfg, "model": {**cfg["model"], "name": "apex_cnn"}}
     runs["apex"] = run_training(cdir, apex_cfg, "apex", jobs=1)
     return cfg, runs
+
+
+def kill_after_epoch(proc, ckpt: Path, epoch: int, timeout: float = 180.0) -> None:
+    """SIGKILL the process group of `proc` once checkpoint `ckpt` records `epoch` (or the timeout)."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ckpt.is_file():
+            try:
+                if torch.load(ckpt, weights_only=False)["epoch"] >= epoch:
+                    break
+            except Exception:  # noqa: BLE001 - being replaced right now
+                pass
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+

@@ -2,23 +2,19 @@
 masked ROI-motion pretraining; and the device hygiene of the training loop (meta device)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, kill_after_epoch
 from mer.blinks import affected_rois, blink_score, eyelid_rois, suppress_blinks
 from mer.features import DEFAULT_ROIS, mirror_permutation
 from mer.models import MaskedMotionModel, SequenceTransformer, build_model
-from mer.training import (ClipData, Normaliser, au_targets, au_vocabulary_of, load_clips, predict_heads,
-                          predict_logits, train_one)
+from mer.training import ClipData, Normaliser, au_targets, au_vocabulary_of, load_clips, predict_logits
 
 CHANNELS = ["u", "v", "mag", "strain"]
 
@@ -131,17 +127,7 @@ def test_masked_pretraining_resumes_after_kill_9_bit_identically(tmp_path, synth
     proc = subprocess.Popen(killed, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ckpt = tmp_path / "a" / "sequence" / "pretrain" / "fold0" / "last.pt"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if ckpt.is_file():
-            try:
-                if torch.load(ckpt, weights_only=False)["epoch"] >= 3:
-                    break
-            except Exception:  # noqa: BLE001 - being replaced right now
-                pass
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_epoch(proc, ckpt, 3, 180)
     assert ckpt.is_file() and not (ckpt.parent / "encoder.pt").exists()
     out = subprocess.run(killed, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "pretraining: resuming after epoch" in out.stderr, out.stderr[-2000:]

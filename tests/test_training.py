@@ -1,18 +1,15 @@
 """Training on generated data: it learns, folds are honest, runs are reproducible and resumable."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, kill_after_epoch
 from mer import cache as C
 from mer.augment import mirror
 from mer.errors import UserError
@@ -125,17 +122,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, synth_cache):
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(killed, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     ckpt = tmp_path / "a" / "sequence" / "fold0" / "seed0" / "last.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ckpt.is_file():
-            try:
-                if torch.load(ckpt, weights_only=False)["epoch"] >= 2:
-                    break
-            except Exception:  # noqa: BLE001 - being replaced right now
-                pass
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_epoch(proc, ckpt, 2, 120)
     log.close()
     assert ckpt.is_file() and not (ckpt.parent / "model.pt").exists(), (tmp_path / "killed.log").read_text()[-2000:]
     out = subprocess.run(killed, cwd=ROOT, capture_output=True, text=True)
