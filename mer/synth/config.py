@@ -142,7 +142,7 @@ PRESETS: dict[str, dict] = {
     "dfme": dict(
         width=1024, height=768, face_width=375.0 * 640 / 1024, face_spread=0.2,
         photos=("astronaut", "grace_hopper"), skin_texture=4.0, au_mapping="overlapping", amplitude_px=(0.2, 1.5),
-        amplitude_dist="loguniform",
+        amplitude_dist="uniform",
         idiosyncrasy=1.0, label_noise=0.10, asynchrony=1.5, me_ms=(250.0, 700.0), neutral_ms=(40.0, 260.0),
         class_mix="dfme", blink_prob=0.35, blink_ms=(100.0, 250.0), blink_kinds=(0.6, 0.2, 0.2),
         drift_px=(0.5, 4.0), roll_deg=1.0, zoom_pct=1.0, out_of_plane_deg=1.0, noise_sigma=(1.5, 4.0),
