@@ -328,7 +328,7 @@ def rescore(source: Path, out: Path, cfg: dict, device: str) -> Path:
     """Out-of-fold predictions of `source`'s models with other prediction settings (cfg's predict
     section, e.g. test-time mirroring), written as a run folder of their own (resumable)."""
     from .predicting import load_models, run_cache
-    from .training import Normaliser, load_clips, mirror_inputs, predict_heads, write_oof
+    from .training import Normaliser, au_mirror_permutation, load_clips, mirror_inputs, predict_heads, write_oof
 
     out.mkdir(parents=True, exist_ok=True)
     for f in ("run.json", "folds.csv"):
@@ -346,7 +346,8 @@ def rescore(source: Path, out: Path, cfg: dict, device: str) -> Path:
             continue
         held = clips.subset(np.array([i for i, s in enumerate(clips.samples) if fold_of.get(s) == m.fold], int))
         heads = predict_heads(m.model, held, Normaliser(m.norm_scale), device, tta=tta,
-                              mirror_with=mirror_inputs({"rois": m.rois or info["rois"], "channels": info["channels"]}))
+                              mirror_with=mirror_inputs({"rois": m.rois or info["rois"], "channels": info["channels"]}),
+                              au_perm=au_mirror_permutation(m.au_vocab) if m.au_vocab else None)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_oof(path, held, m.fold, m.seed, heads, len(info["classes"]), m.au_vocab or [])
     return out

@@ -10,11 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def mirror(clip: dict, perm: np.ndarray, u_channels: list[int]) -> dict:
-    """The clip of the left/right mirrored face: ROIs swapped with their twins, u negated."""
+def mirror(clip: dict, perm: np.ndarray, u_channels: list[int], au_perm: np.ndarray | None = None) -> dict:
+    """The clip of the left/right mirrored face: ROIs swapped with their twins, u negated (and
+    sided AU targets swapped, L12 <-> R12, when au_perm is given)."""
     f = clip["features"][:, perm].copy()
     f[..., u_channels] *= -1
     out = dict(clip, features=f)
+    if au_perm is not None and "au" in clip:
+        out["au"] = clip["au"][au_perm]
     if "apex" in clip:
         a = clip["apex"][:, :, ::-1].copy()
         a[0] *= -1
@@ -58,10 +61,11 @@ def noise(clip: dict, sigma: float, rng: np.random.Generator) -> dict:
     return dict(clip, features=(f + rng.normal(0, sigma, f.shape)).astype(f.dtype))
 
 
-def augment(clip: dict, cfg: dict, rng: np.random.Generator, perm: np.ndarray, u_channels: list[int]) -> dict:
+def augment(clip: dict, cfg: dict, rng: np.random.Generator, perm: np.ndarray, u_channels: list[int],
+            au_perm: np.ndarray | None = None) -> dict:
     """Apply the configured augmentations (train.augment) in a fixed order."""
     if rng.random() < cfg["mirror"]:
-        clip = mirror(clip, perm, u_channels)
+        clip = mirror(clip, perm, u_channels, au_perm)
     clip = time_shift(clip, cfg["time_shift_ms"], rng)
     if rng.random() < 0.5:
         clip = crop(clip, cfg["crop"], rng)

@@ -24,9 +24,12 @@ EYE_LANDMARKS = set(range(36, 48))
 LOW, HIGH = 1.0, 3.0  # % of the inner-eye distance: AUs stay below ~0.7, blinks reach 4-8
 
 
+LOWER_LIDS = ({40, 41}, {46, 47})  # iBUG-68, 0-based: the lower lid of each eye
+
+
 def eyelid_rois(rois: list[dict]) -> list[int]:
-    """The lower-eyelid ROIs (landmarks 40-41 / 46-47 or around them): where a blink is measured."""
-    return [i for i, r in enumerate(rois) if set(r["landmarks"]) <= EYE_LANDMARKS]
+    """The lower-eyelid ROIs (boxes on landmarks 40-41 or 46-47 only): where a blink is measured."""
+    return [i for i, r in enumerate(rois) if any(set(r["landmarks"]) <= lid for lid in LOWER_LIDS)]
 
 
 def affected_rois(rois: list[dict]) -> list[int]:

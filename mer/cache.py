@@ -30,12 +30,15 @@ MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "rea
                     "apex_annotated_frame", "seconds", "file", "dataset", "truncated_from_ms", "aus"]
 
 
+NOT_IN_KEY = {"cache_dir", "fan_worker_mb"}  # preprocess settings that say where or how fast, not what
+
+
 def feature_settings(cfg: dict) -> dict:
     """The settings that shape every clip's tensors, whatever the dataset (the preprocess section,
     ROIs resolved, and the code's feature version): caches with equal ones can be mixed."""
     from .features import roi_specs
 
-    settings = {k: v for k, v in cfg["preprocess"].items() if k != "cache_dir"}
+    settings = {k: v for k, v in cfg["preprocess"].items() if k not in NOT_IN_KEY}
     settings["rois"] = roi_specs(settings["rois"])  # 'default' resolved: its definition counts
     return {"preprocess": settings, "version": FEATURE_VERSION}
 

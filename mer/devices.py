@@ -48,6 +48,22 @@ def parse_device(text: str) -> str:
     return name
 
 
+def jobs_that_fit(device: str, job_mb: float) -> int:
+    """Processes that fit side by side on the GPU `device`, each using `job_mb` (80% of its free
+    memory now), at most one per CPU core. This initialises CUDA in the calling process: call it
+    only where the workers are spawned, not forked."""
+    import logging
+
+    import torch
+
+    from .cli import cpu_count
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    n = min(max(1, int(0.8 * free / (job_mb * 2**20))), cpu_count())
+    logging.getLogger("mer").info("%.1f GB free on %s: %d process(es) at %g MB each", free / 2**30, device, n, job_mb)
+    return n
+
+
 def describe_device_error(e: BaseException, device: str) -> str | None:
     """A one-line explanation if `e` is a device problem (out of memory, busy or missing GPU),
     else None: so that a GPU problem is never reported as a broken model."""
@@ -70,8 +86,11 @@ def set_deterministic(device: str, on: bool) -> None:
     kernels that have no deterministic backward (see mer.models)."""
     import torch
 
+    from . import models
+
     if on and device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    models.MATH_ATTENTION = bool(on) and device.startswith("cuda")
     torch.use_deterministic_algorithms(bool(on))
     torch.backends.cudnn.deterministic = bool(on)
     torch.backends.cudnn.benchmark = not on and device.startswith("cuda")

@@ -25,6 +25,7 @@ from .face import Cropper, Detection, centred_matrix, crop_matrix, make_landmark
 from .features import HeadMotion, Motion, RoiPooler, grid_frames, motion_magnitude, roi_boxes, roi_specs
 from .flow import make_flow, optical_strain
 from .frames import FolderFrames, FrameSource
+from .devices import jobs_that_fit
 from .workers import Lost, run_jobs
 
 log = logging.getLogger("mer.preprocess")
@@ -350,7 +351,7 @@ class Extractor:
             "apex_motion_frame": np.int64(track.best[1]),
         }
         apex_annotated = -1
-        if not np.isnan(clip.apex):
+        if not np.isnan(clip.apex) and clip.apex >= track.numbers[0]:  # (not before the reference frame)
             flow = track.apex_flow
             hit = np.nonzero(frames.numbers == clip.apex)[0]
             if flow is None and len(hit) and (img := read(int(hit[0]), face.crop.factor)) is not None:
@@ -415,6 +416,15 @@ def _run_one(job: tuple[Clip, str]) -> tuple[str, str, str]:
     return clip.split, clip.sample, str(arrays["status"])
 
 
+def _cached_since(path: Path, t0: float) -> bool:
+    """Whether this run wrote the clip's cache file already (a worker may die after saving a clip
+    and before saying so: the clip is then done, not lost)."""
+    try:
+        return path.stat().st_mtime >= t0 and not _failed(path)
+    except OSError:
+        return False
+
+
 def _failed(path: Path) -> bool:
     try:
         return C.read_clip_record(path).get("status") == "failed"
@@ -459,11 +469,17 @@ def preprocess(ds: Dataset, cfg: dict, splits: list[str], cdir: Path, *, workers
     t0 = time.time()
     if todo:
         bar = tqdm(total=len(todo), desc="preprocess", unit="clip", file=sys.stderr, dynamic_ncols=True)
+        if workers > 1 and start_method(cfg, device) == "spawn" and device.startswith("cuda"):
+            fit = jobs_that_fit(device, float(cfg["preprocess"].get("fan_worker_mb", 1500)))
+            if fit < workers:
+                log.info("FAN on %s: %d worker(s) of %d (each holds a model on the GPU; "
+                         "preprocess.fan_worker_mb)", device, fit, workers)
+                workers = fit
         if workers > 1:
             for job, result in run_jobs(_run_one, todo, workers, _init_worker, (cfg, device),
                                         start_method(cfg, device)):
-                if isinstance(result, Lost):  # the worker died on this clip: record it, retried next run
-                    clip, path = job
+                if isinstance(result, Lost) and not _cached_since(Path(job[1]), t0):
+                    clip, path = job  # the worker died on this clip: record it, retried next run
                     C.save_clip(Path(path), {"status": np.asarray("failed"), "reason": np.asarray(result.reason),
                                              "fps": np.asarray(float(clip.fps) if clip.fps else np.nan)})
                 bar.update()

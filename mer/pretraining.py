@@ -7,7 +7,9 @@ of other databases, or any unlabelled footage, can join. The encoder then initia
 classifier of its fold (`train_one(init=...)`).
 
 Per fold, pretraining sees the training side of that fold only (never the held-out subjects, so
-out-of-fold scores stay honest), plus `pretrain.extra` caches if given. Using a competition's
+out-of-fold scores stay honest; with train.select=inner_val it does see the subjects that choose
+the checkpoint, unlabelled), plus `pretrain.extra` caches if given. The classifiers of the fold
+keep the encoder's input scale. Using a competition's
 test clips there is transductive learning: it may be against a competition's rules.
 
 Each fold's pretraining is resumable (last.pt every epoch, bit-identical on the CPU) and writes
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .config import stable_hash
 from .errors import UserError
 from .models import MaskedMotionModel
 
@@ -64,14 +67,18 @@ def masked_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, hidden_
 def pretrain_fold(clips, cfg: dict, meta: dict, out: Path, device: str, fold: int, progress: bool = True,
                   threads: int = 0) -> Path:
     """Pretrain an encoder on `clips` (labels unused); returns the path of encoder.pt."""
-    from .config import save_config, stable_hash
+    from .config import save_config
     from .devices import deterministic_for, set_deterministic
     from .files import write_text_atomic
     from .training import Normaliser, _seed_everything, batches, build, load_checkpoint, mirror_inputs, save_atomic
 
     p = pretrain_settings(cfg)
     final = out / "encoder.pt"
+    want = stable_hash({"model": cfg["model"], "pretrain": p})
     if final.is_file():
+        if torch.load(final, map_location="cpu", weights_only=False).get("config_hash") != want:
+            raise UserError(f"{final} was pretrained with other model or pretrain settings; delete {out} to "
+                            "pretrain again, or use a new --name")
         return final
     if cfg["model"]["name"] != "sequence":
         raise UserError(f"--pretrain pretrains the full-sequence model; model.name is {cfg['model']['name']}")
@@ -125,8 +132,8 @@ def pretrain_fold(clips, cfg: dict, meta: dict, out: Path, device: str, fold: in
         save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "epoch": epoch, "history": history}, ckpt)
     bar.close()
-    save_atomic({"encoder": model.encoder.state_dict(), "fold": fold, "n_clips": len(clips),
-                 "config_hash": stable_hash({"model": cfg["model"], "pretrain": p}), "history": history}, final)
+    save_atomic({"encoder": model.encoder.state_dict(), "norm_scale": norm.scale, "fold": fold, "n_clips": len(clips),
+                 "config_hash": want, "history": history}, final)
     write_text_atomic(out / "history.json", json.dumps(history, indent=1))
     ckpt.unlink(missing_ok=True)
     return final
@@ -135,7 +142,6 @@ def pretrain_fold(clips, cfg: dict, meta: dict, out: Path, device: str, fold: in
 def unlabelled_extra(entries: list[str], cfg: dict, run_cache: Path, channels: list[str]):
     """Clips of other caches or database roots (same preprocessing), all splits, for pretraining
     only: their labels are never used."""
-    from . import cache as C
     from .extra import resolve_extra_cache
     from .training import load_clips
 
@@ -147,7 +153,6 @@ def unlabelled_extra(entries: list[str], cfg: dict, run_cache: Path, channels: l
                 part = load_clips(cdir, split, channels=channels, blink=cfg["model"].get("blink", "none"))
                 part.labels = np.full(len(part), -1)
                 parts.append(part)
-        C.read_meta(cdir)
     out = None
     for part in parts:
         out = part if out is None else out.concat(part)

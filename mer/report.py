@@ -57,9 +57,10 @@ def per_database(ens: pd.DataFrame, pred: np.ndarray, k: int) -> dict[str, dict]
     return out
 
 
-def au_scores(oof: pd.DataFrame) -> dict[str, dict]:
+def au_scores(oof: pd.DataFrame, keep_sides: bool = False) -> dict[str, dict]:
     """Per-AU F1 / precision / recall of the auxiliary AU head, out of fold: the mean AU logit over
-    seeds > 0 against the table's AU string, on clips with at least one AU coded."""
+    seeds > 0 against the table's AU string (parsed as in training: keep_sides =
+    train.au_keep_sides), on clips with at least one AU coded."""
     cols = [c for c in oof.columns if c.startswith("au_")]
     if not cols or "aus" not in oof:
         return {}
@@ -68,7 +69,6 @@ def au_scores(oof: pd.DataFrame) -> dict[str, dict]:
     from .aus import multi_hot, parse_aus
 
     vocab = [c[3:] for c in cols]
-    keep_sides = any(v[0] in "LRTBA" for v in vocab)
     mean = oof.groupby("sample", sort=False)[cols].mean()  # NaN where the clip's fold had no head for it
     aus = oof.groupby("sample", sort=False)["aus"].first().fillna("").astype(str)
     parsed = [parse_aus(a, keep_sides) for a in aus]
@@ -84,6 +84,14 @@ def au_scores(oof: pd.DataFrame) -> dict[str, dict]:
         out[a] = {"f1": float(f1), "precision": float(pr), "recall": float(rc), "support": int(y[rows, j].sum()),
                   "clips": int(rows.sum())}
     return out
+
+
+def _run_setting(run_dir: Path, section: str, key: str, default):
+    import yaml
+
+    path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return (cfg.get(section) or {}).get(key, default)
 
 
 def write_report(run_dir: str | Path) -> dict:
@@ -114,7 +122,7 @@ def write_report(run_dir: str | Path) -> dict:
         ens.assign(pred=ens_pred).to_csv(tmp, index=False)
     with atomic(run_dir / "per_class.csv") as tmp:
         ens_scores["per_class"].to_csv(tmp, index=False)
-    per_au = au_scores(oof)
+    per_au = au_scores(oof, _run_setting(run_dir, "train", "au_keep_sides", False))
     by_db = per_database(ens, ens_pred, k)
     extra = info.get("extra") or []
     summary = {

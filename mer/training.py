@@ -26,8 +26,9 @@ from . import cache as C
 from .augment import augment, mirror
 from .blinks import suppress_blinks
 from .cli import cpu_count
+from .devices import jobs_that_fit
 from .errors import UserError
-from .config import save_config, stable_hash
+from .config import ConfigError, default_config, merge, save_config, stable_hash
 from .features import mirror_permutation, roi_specs
 from .files import atomic, write_text_atomic
 from .metrics import scores
@@ -238,7 +239,7 @@ def collate(items: list[dict], keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, 
 def batches(clips: ClipData, norm: Normaliser, batch_size: int, rng: np.random.Generator | None = None,
             aug: dict | None = None, perm: np.ndarray | None = None, u_channels: list[int] | None = None, *,
             keys: tuple[str, ...] = BATCH_KEYS, au: tuple[np.ndarray, np.ndarray] | None = None,
-            flip: bool = False):
+            flip: bool = False, au_perm: np.ndarray | None = None):
     """Batches of a ClipData; shuffled and augmented when an RNG is given (training).
 
     Training batches group clips of similar length (sorted within shuffled pools of 16 batches)
@@ -262,9 +263,9 @@ def batches(clips: ClipData, norm: Normaliser, batch_size: int, rng: np.random.G
             if au is not None:
                 clip["au"], clip["au_known"] = au[0][i], bool(au[1][i])
             if flip:
-                clip = mirror(clip, perm, u_channels)
+                clip = mirror(clip, perm, u_channels, au_perm)
             if rng is not None and aug is not None:
-                clip = augment(clip, aug, rng, perm, u_channels)
+                clip = augment(clip, aug, rng, perm, u_channels, au_perm)
             items.append(clip)
         yield collate(items, keys)
 
@@ -284,6 +285,14 @@ def au_targets(clips: ClipData, vocab: list[str], keep_sides: bool = False) -> t
 
     parsed = [parse_aus(a, keep_sides) for a in clips.aus]
     return multi_hot(parsed, vocab), np.array([len(p) > 0 for p in parsed])
+
+
+def au_mirror_permutation(vocab: list[str]) -> np.ndarray:
+    """perm[j] = the AU target that AU j becomes on the mirrored face: L12 <-> R12 (when both are
+    targets), every other code itself."""
+    index = {c: j for j, c in enumerate(vocab)}
+    swap = {"L": "R", "R": "L"}
+    return np.array([index.get(swap[c[0]] + c[1:], j) if c[:1] in swap else j for j, c in enumerate(vocab)], int)
 
 
 def au_vocabulary_of(clips: ClipData, keep_sides: bool, min_count: int) -> list[str]:
@@ -336,12 +345,13 @@ def mirror_inputs(meta: dict) -> tuple[np.ndarray, list[int]]:
 
 
 def predict_heads(model: nn.Module, clips: ClipData, norm: Normaliser, device: str, batch_size: int = 64,
-                  tta: str = "none", mirror_with: tuple[np.ndarray, list[int]] | None = None) -> dict[str, np.ndarray]:
+                  tta: str = "none", mirror_with: tuple[np.ndarray, list[int]] | None = None,
+                  au_perm: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every head's logits on the clips, in their order: {'emotion': (N, K)[, 'au': (N, V)]}.
 
     tta 'mirror': the mean of the logits of each clip and of its mirrored face (ROIs swapped with
     their twins, u negated; the apex map flipped), which mirror_with = (permutation, u channels)
-    defines."""
+    defines; the mirrored pass's sided AU logits are swapped back (au_perm) before the mean."""
     if tta not in ("none", "mirror"):
         raise UserError(f"predict.tta must be mirror or none, got '{tta}'")
     if tta == "mirror" and mirror_with is None:
@@ -357,7 +367,10 @@ def predict_heads(model: nn.Module, clips: ClipData, norm: Normaliser, device: s
                 heads = model.forward_heads({k: v.to(device) for k, v in batch.items()})
                 for k, v in heads.items():
                     outs.setdefault(k, []).append(v.float().cpu().numpy())
-            passes.append({k: np.concatenate(v) for k, v in outs.items()})
+            got = {k: np.concatenate(v) for k, v in outs.items()}
+            if flip and au_perm is not None and "au" in got:
+                got["au"] = got["au"][:, au_perm]
+            passes.append(got)
     if not passes[0]:
         return {"emotion": np.zeros((0, 0), np.float32)}
     return {k: np.mean([p[k] for p in passes], 0) for k in passes[0]}
@@ -390,6 +403,7 @@ class Setup:
     au_vocab: list[str]
     au_loss: nn.Module | None
     au_train: tuple[np.ndarray, np.ndarray] | None
+    au_perm: np.ndarray | None
     mirror_with: tuple[np.ndarray, list[int]]
     keys: tuple[str, ...]
     epochs: int
@@ -413,7 +427,9 @@ def _setup(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, 
         train_set = train_set.concat(extra)
     if cfg["model"]["apex_source"] == "annotated":  # the training side only: the others are scored as test clips
         train_set = train_set.with_annotated_apex()
-    norm = Normaliser.fit(train_set.features)
+    encoder = torch.load(init, map_location="cpu", weights_only=False) if init is not None else None
+    # a pretrained encoder learned on inputs of its own scale: keep it
+    norm = Normaliser(encoder["norm_scale"]) if encoder is not None else Normaliser.fit(train_set.features)
     r, c = clips.features[0].shape[1:]
     aus = au_settings(tcfg)
     vocab = au_vocabulary_of(train_set, aus["keep_sides"], aus["min_count"]) if aus["weight"] > 0 else []
@@ -422,8 +438,8 @@ def _setup(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, 
                         "training clips (the table's AU column); set train.au_weight=0")
     _seed_everything(seed, fold, -1)
     model = build(cfg, r, c, n_classes, len(vocab)).to(device)
-    if init is not None:
-        load_encoder(model, init)
+    if encoder is not None:
+        load_encoder(model, encoder, init)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     warm = max(0, int(tcfg["warmup_epochs"]))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -441,13 +457,14 @@ def _setup(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, 
                                        reduction="none")
         keys += ("au", "au_known")
     return Setup(train_set, oof_set, select_set, norm, model, opt, sched, loss_fn, vocab, au_loss, au_train,
-                 mirror_inputs(meta), keys, epochs_for(len(train_set), tcfg), n_extra)
+                 au_mirror_permutation(vocab) if vocab else None, mirror_inputs(meta), keys,
+                 epochs_for(len(train_set), tcfg), n_extra)
 
 
-def load_encoder(model: nn.Module, path: Path) -> None:
-    """Initialise a classifier from a pretrained encoder (mer.pretraining): every weight but the
-    heads; a checkpoint of another shape is an error saying so."""
-    state = torch.load(path, map_location="cpu", weights_only=False)["encoder"]
+def load_encoder(model: nn.Module, encoder: dict, path: Path) -> None:
+    """Initialise a classifier from a pretrained encoder (mer.pretraining's encoder.pt, read from
+    `path`): every weight but the heads; a checkpoint of another shape is an error saying so."""
+    state = encoder["encoder"]
     own = model.state_dict()
     wanted = {k: v for k, v in state.items() if not k.startswith(("head.", "au_head."))}
     bad = [k for k, v in wanted.items() if k not in own or own[k].shape != v.shape]
@@ -467,7 +484,7 @@ def _epoch(st: Setup, cfg: dict, device: str, rng: np.random.Generator, amp: boo
     t0 = time.time()
     prepared = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
                 for b in batches(st.train_set, st.norm, tcfg["batch_size"], rng, tcfg["augment"], perm, u,
-                                 keys=st.keys, au=st.au_train)]
+                                 keys=st.keys, au=st.au_train, au_perm=st.au_perm)]
     total = torch.zeros((), device=device)
     au_total = torch.zeros((), device=device)
     n = 0
@@ -556,7 +573,8 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
                  "rois": meta["rois"], "classes": meta["classes"], "norm_scale": st.norm.scale, "fold": fold,
                  "seed": seed, "apex_source": cfg["model"]["apex_source"], "au_vocab": st.au_vocab,
                  "blink": cfg["model"].get("blink", "none"), "config_hash": stable_hash(cfg)}, out / "model.pt")
-    heads = predict_heads(st.model, st.oof_set, st.norm, device, tta=tta, mirror_with=st.mirror_with)
+    heads = predict_heads(st.model, st.oof_set, st.norm, device, tta=tta, mirror_with=st.mirror_with,
+                          au_perm=st.au_perm)
     write_oof(out / "oof.csv", st.oof_set, fold, seed, heads, n_classes, st.au_vocab)
     result = {"fold": fold, "seed": seed, "n_train": len(st.train_set), "n_extra": st.n_extra,
               "n_oof": len(st.oof_set), "epochs": st.epochs, "tta": tta}
@@ -603,12 +621,13 @@ def _inner_split(clips: ClipData, frac: float, seed: int) -> tuple[ClipData, Cli
 # ----------------------------------------------------------------------------- the whole run
 
 def _settings_that_shape_models(cfg: dict) -> dict:
-    skip = {"run_dir", "seeds", "num_threads"}
+    skip = {"run_dir", "seeds", "num_threads", "gpu_job_mb"}
     train = {k: v for k, v in cfg["train"].items() if k not in skip}
     train["extra"] = list(train.get("extra") or [])  # runs from before extra data existed had none
     if not train["extra"]:
         train.pop("extra_class_map", None)  # means nothing without extra data
-    out = {"model": cfg["model"], "train": train, "preprocess": cfg["preprocess"]}
+    out = {"model": cfg["model"], "train": train, "preprocess": cfg["preprocess"],
+           "predict": {"tta": (cfg.get("predict") or {}).get("tta", "none")}}  # how out-of-fold logits are made
     if (cfg.get("pretrain") or {}).get("enabled"):
         out["pretrain"] = cfg["pretrain"]
     return out
@@ -622,27 +641,46 @@ def _check_same_settings(run_dir: Path, cfg: dict) -> None:
     if not path.is_file():
         return
     old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    old.pop("_meta", None)
+    try:  # settings added to the defaults since the run started take their default value
+        old = merge(default_config(), old, str(path))
+    except ConfigError:
+        pass
     a, b = _settings_that_shape_models(old), _settings_that_shape_models(cfg)
     if stable_hash(a) != stable_hash(b):
-        diff = [f"{s}.{k}" for s in a for k in set(a[s]) | set(b[s]) if a[s].get(k) != b[s].get(k)]
+        diff = [f"{s}.{k}" for s in sorted(set(a) | set(b)) for k in set(a.get(s, {})) | set(b.get(s, {}))
+                if a.get(s, {}).get(k) != b.get(s, {}).get(k)]
         raise UserError(f"run {run_dir} was trained with other settings ({', '.join(sorted(diff)[:6])}); "
                         "use a new --name, or the same settings to finish it")
 
 
+def _call(job: tuple):
+    fn, args, kwargs = job
+    return fn(*args, **kwargs)
+
+
+def _job_folder(job: tuple) -> str:
+    """A training or pretraining job named by its output folder."""
+    return next((str(a) for a in job[1] if isinstance(a, Path)), "a job")
+
+
 def in_parallel(fn, args: list[tuple], jobs: int, what: str, kwargs: list[dict]) -> list:
     """fn(*a, **kw) for every (a, kw): here with a progress bar per call, or in `jobs` spawned
-    processes with one bar over all of them."""
+    processes with one bar over all of them. A process that dies (out of memory, a crash) stops the
+    run with its reason: what finished is kept and a rerun resumes the rest."""
     if jobs == 1:
         return [fn(*a, progress=True, **kw) for a, kw in zip(args, kwargs)]
-    import concurrent.futures as cf
-    import multiprocessing as mp
+    from .workers import Lost, run_jobs
 
+    work = [(fn, a, dict(kw, progress=False)) for a, kw in zip(args, kwargs)]
     results = []
-    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, *a, progress=False, **kw) for a, kw in zip(args, kwargs)]
-        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc=what, unit="model", file=sys.stderr,
-                        dynamic_ncols=True):
-            results.append(fut.result())
+    with tqdm(total=len(work), desc=what, unit="model", file=sys.stderr, dynamic_ncols=True) as bar:
+        for job, res in run_jobs(_call, work, jobs, start_method="spawn", describe=_job_folder):
+            if isinstance(res, Lost):
+                raise UserError(f"a {what} process died ({res.reason}); rerun the same command: finished models "
+                                "are kept and interrupted ones resume (fewer --jobs if memory ran out)")
+            results.append(res)
+            bar.update()
     return results
 
 
@@ -673,21 +711,12 @@ def resolve_jobs(jobs: int | str, device: str, n_runs: int, gpu_job_mb: float = 
     memory holds at `gpu_job_mb` each (a CUDA context plus one small model and its batches), at
     most one per CPU core."""
     if jobs == "auto":
-        jobs = gpu_jobs(device, gpu_job_mb) if device.startswith("cuda") else cpu_count()
+        jobs = jobs_that_fit(device, gpu_job_mb) if device.startswith("cuda") else cpu_count()
     try:
         jobs = int(jobs)
     except ValueError:
         raise UserError(f"--jobs must be a number or auto, got '{jobs}'") from None
     return max(1, min(jobs, n_runs))
-
-
-def gpu_jobs(device: str, job_mb: float) -> int:
-    """Models that fit side by side on the GPU `device` (its free memory now, 80% of it used)."""
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    n = max(1, int(0.8 * free / (job_mb * 2**20)))
-    log.info("--jobs auto: %.1f GB free on %s, %d model(s) at a time (train.gpu_job_mb=%g)", free / 2**30, device,
-             min(n, cpu_count()), job_mb)
-    return min(n, cpu_count())
 
 
 def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: list[int] | None = None,

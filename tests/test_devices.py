@@ -58,3 +58,43 @@ def test_deterministic_setting():
     assert deterministic_for(True, "cuda") and not deterministic_for(False, "cpu")
     with pytest.raises(UserError, match="train.deterministic"):
         deterministic_for("yes", "cpu")
+
+
+def test_preprocess_uses_every_usable_core_by_default_and_takes_a_device():
+    out = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--help"], cwd=ROOT, capture_output=True,
+                         text=True)
+    from mer.cli import cpu_count
+
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0 and f"every usable core, here {cpu_count()})" in text and "--device" in text
+
+
+def test_fan_on_a_gpu_starts_workers_with_spawn():
+    from mer.preprocessing import start_method
+
+    cfg = {"preprocess": {"landmarks": "fan"}}
+    assert start_method(cfg, "cuda:0") == "spawn"
+    assert start_method({"preprocess": {"landmarks": "dlib"}}, "cuda:0") == start_method(cfg, "cpu")
+
+
+def _double(x):
+    return 2 * x
+
+
+def test_the_worker_pool_runs_with_spawn_too():
+    from mer.workers import run_jobs
+
+    assert sorted(v for _, v in run_jobs(_double, [1, 2, 3], 2, start_method="spawn")) == [2, 4, 6]
+
+
+def test_a_gpu_that_fails_is_a_device_error_not_a_broken_model(trained_runs):
+    """Checkpoints are read onto the CPU, then moved: here the move fails (no CUDA in this torch,
+    as on a GPU that is missing, busy or full) and the message says the model files are fine."""
+    from mer.predicting import load_models
+
+    cfg, runs = trained_runs
+    with pytest.raises(UserError) as e:
+        load_models(runs["sequence"], "cuda:0")
+    assert "the model files are fine" in str(e.value) and "delete" not in str(e.value)
+    models = load_models(runs["sequence"], "cpu")
+    assert next(models[0].model.parameters()).device.type == "cpu"

@@ -120,7 +120,7 @@ def test_blink_score_sees_both_lids_going_down_and_not_lid_raisers():
 def test_masked_pretraining_resumes_after_kill_9_bit_identically(tmp_path, synth_cache):
     cfg, cdir = synth_cache
     cmd = [sys.executable, str(ROOT / "train.py"), "--cache", str(cdir), "--fold", "0", "--seeds", "0",
-           "--jobs", "1", "--pretrain", "--set", "train.folds=3", "--set", "train.epochs=2",
+           "--jobs", "1", "--device", "cpu", "--pretrain", "--set", "train.folds=3", "--set", "train.epochs=2",
            "--set", "train.min_steps=0", "--set", "pretrain.epochs=60", "--set", "model.sequence.depth=2",
            "--set", "model.sequence.dim=32", "--set", "model.sequence.heads=4"]
     killed = cmd + ["--set", f"train.run_dir={tmp_path / 'a'}"]

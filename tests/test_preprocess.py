@@ -385,6 +385,22 @@ def test_run_jobs_survives_a_killed_worker_and_finishes_the_rest():
     assert all(out[j] == j * 2 for j in jobs if j != "die")
 
 
+def _broken_init():
+    raise OSError("no GPU memory left for the landmark model")
+
+
+def _nothing(job):
+    return None
+
+
+def test_run_jobs_reports_a_worker_that_cannot_start_and_answers_of_none():
+    from mer.workers import WorkerStartError, run_jobs
+
+    with pytest.raises(WorkerStartError, match="no GPU memory left"):
+        list(run_jobs(_nothing, [1, 2, 3], 2, initializer=_broken_init))
+    assert dict(run_jobs(_nothing, [1, 2, 3], 2)) == {1: None, 2: None, 3: None}
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

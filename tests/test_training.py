@@ -116,7 +116,8 @@ def test_seeded_runs_are_bit_identical_on_cpu(tmp_path, synth_cache):
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, synth_cache):
     cfg, cdir = synth_cache
     cmd = [sys.executable, str(ROOT / "train.py"), "--cache", str(cdir), "--fold", "0", "--seeds", "0",
-           "--jobs", "1", "--set", "train.folds=3", "--set", "train.epochs=80", "--set", "train.min_steps=0",
+           "--jobs", "1", "--device", "cpu", "--set", "train.folds=3", "--set", "train.epochs=80",
+           "--set", "train.min_steps=0",
            "--set", "model.sequence.depth=2", "--set", "model.sequence.dim=32", "--set", "model.sequence.heads=4"]
     killed = cmd + ["--set", f"train.run_dir={tmp_path / 'a'}"]
     log = open(tmp_path / "killed.log", "w")
@@ -181,3 +182,20 @@ def test_a_run_name_holds_one_configuration(trained_runs):
     with pytest.raises(UserError, match=r"was trained with other settings \(train.lr\)"):
         run_training(__import__("pathlib").Path(json.loads((runs["sequence"] / "run.json").read_text())["cache"]),
                      other, "seq", jobs=1)
+
+
+def test_parallel_jobs_give_the_models_of_one_job(synth_cache, tmp_path):
+    """--jobs 2 (spawned processes, the default on a 2-core CPU) trains the same models as one
+    job, to float rounding (kernels may add in another order in another process): each (fold,
+    seed) is reseeded on its own, whichever process runs it."""
+    from mer.training import run_training
+
+    cfg, cdir = synth_cache
+    cfg = {**cfg, "train": {**cfg["train"], "epochs": 3, "min_steps": 0, "num_threads": 1,
+                            "run_dir": str(tmp_path)}}
+    a = run_training(cdir, cfg, "one", jobs=1)
+    b = run_training(cdir, cfg, "two", jobs=2)
+    for f in sorted(a.glob("fold*/seed*/model.pt")):
+        other = b / f.relative_to(a)
+        for k, v in _state(f).items():
+            torch.testing.assert_close(v, _state(other)[k], atol=2e-4, rtol=1e-3, msg=f"{f}: {k}")
