@@ -314,6 +314,77 @@ def bench_train(args: argparse.Namespace) -> None:
           "target < 15 min; its scores mean nothing: the clips are repeats, for timing only)")
 
 
+class ListingCounter:
+    """Counts os.scandir calls per folder while active (os.walk and list_frames both use it)."""
+
+    def __init__(self):
+        import collections
+        import os
+
+        self.os, self.counts, self._orig = os, collections.Counter(), os.scandir
+
+    def __enter__(self):
+        def counting(path="."):
+            self.counts[str(Path(path))] += 1
+            return self._orig(path)
+
+        self.os.scandir = counting
+        return self
+
+    def __exit__(self, *exc):
+        self.os.scandir = self._orig
+
+
+def make_empty_tree(root: Path, clips: int, frames: int) -> pd.DataFrame:
+    """A DFME-layout tree of empty frame files (train_data/<clip>/00001.png ...) and its train table."""
+    import os
+
+    names = [f"c{k:06d}" for k in range(clips)]
+    for n in names:
+        d = root / "train_data" / n
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(1, frames + 1):
+            os.close(os.open(d / f"{i:05d}.png", os.O_CREAT | os.O_WRONLY, 0o644))
+    table = pd.DataFrame({"Filename": names, "Subject": [f"s{k % 500:03d}" for k in range(clips)],
+                          "Emotion": "happiness", "FPS": 200})
+    table.to_csv(root / "train.csv", index=False)
+    return table
+
+
+def bench_scan(args: argparse.Namespace) -> None:
+    """How often the frame tree is listed when a run reads a dataset and lists each clip's frames
+    (as preprocessing does): a generated DFME-layout tree of --files empty frames."""
+    from .data import load_dataset
+    from .preprocessing import clips_of
+    from .frames import FolderFrames
+
+    frames = 500
+    clips = max(1, args.files // frames)
+    work = Path(args.work or tempfile.mkdtemp(prefix="mer_bench_scan_"))
+    root = work / "DFME_scan"
+    t0 = time.time()
+    if not (root / "train.csv").is_file():
+        make_empty_tree(root, clips, frames)
+    print(f"scan benchmark: {clips:,} clip folders x {frames} empty frames = {clips * frames:,} files in {root} "
+          f"(made in {time.time() - t0:.0f} s)")
+    cfg = load_config(args.config, args.set)
+    with ListingCounter() as lc:
+        t0 = time.time()
+        ds = load_dataset(root, cfg)
+        t_read = time.time() - t0
+        t0 = time.time()
+        n = sum(len(FolderFrames.of(c.frames_dir, c.exts, c.start_frame, c.end_frame, c.files))
+                for c in clips_of(ds, ["train"], cfg["data"]["image_exts"]))
+        t_frames = time.time() - t0
+    per_clip = [lc.counts[str(Path(r.frames_dir))] for r in ds.table.itertuples()]
+    print(f"  read and validated the dataset in {t_read:.1f} s; every clip's frame list ({n:,} frames) in "
+          f"{t_frames:.1f} s more")
+    print(f"  folder listings: {sum(lc.counts.values()):,} in all for {clips:,} clip folders; each clip folder "
+          f"listed {min(per_clip)} to {max(per_clip)} time(s) (target: once)")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def add_ablation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ablate")
     g.add_argument("--rows", nargs="+", help="ablate: rows to run (default: all; the default row and the rows "
@@ -353,7 +424,8 @@ def bench_ablate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mer.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["preprocess", "train", "ablate"])
+    parser.add_argument("what", choices=["preprocess", "train", "ablate", "scan"])
+    parser.add_argument("--files", type=int, default=1_000_000, help="scan: empty frame files in the generated tree")
     parser.add_argument("--data", type=Path, help="generated dataset to use (default: generate one in /tmp)")
     parser.add_argument("--clips", type=int, help="clips to generate (default 60; ablate: 400)")
     parser.add_argument("--seed", type=int, default=1)
@@ -389,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         args.device = parse_device(args.device)
     except UserError as e:
         parser.error(str(e))
-    {"preprocess": bench_preprocess, "train": bench_train, "ablate": bench_ablate}[args.what](args)
+    {"preprocess": bench_preprocess, "train": bench_train, "ablate": bench_ablate, "scan": bench_scan}[args.what](args)
 
 
 if __name__ == "__main__":

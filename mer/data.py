@@ -142,20 +142,47 @@ def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpe
     return sorted(files, key=lambda p: (frame_number(p), p.name))
 
 
+_LISTED: dict | None = None  # while load_dataset runs: folder -> (sub-folders, files), each listed once
+
+
+def _list_dir(path: str) -> tuple[list[str], list[str]]:
+    """(sub-folder names, file names) of a folder (symbolic links followed), listed once per
+    load_dataset call however many walks pass by."""
+    if _LISTED is not None and path in _LISTED:
+        return _LISTED[path]
+    dirs, files = [], []
+    with os.scandir(path) as entries:
+        for e in entries:
+            try:
+                (dirs if e.is_dir() else files).append(e.name)
+            except OSError:  # a dangling link: not a folder
+                files.append(e.name)
+    if _LISTED is not None:
+        _LISTED[path] = (dirs, files)
+    return dirs, files
+
+
 def walk(root: Path, max_depth: int | None = None) -> Iterable[tuple[str, list[str], list[str]]]:
-    """os.walk that follows symbolic links (a composite root may link its databases) without
-    looping, skips hidden folders, and stops `max_depth` folder levels below root."""
-    seen = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    """Top-down walk like os.walk (prune by editing the yielded folder list) that follows
+    symbolic links (a composite root may link its databases) without looping, skips hidden
+    folders, stops `max_depth` folder levels below root, and shares folder listings between
+    the walks of one load_dataset call."""
+    seen, stack = set(), [str(Path(root))]
+    while stack:
+        dirpath = stack.pop()
         real = os.path.realpath(dirpath)
         if real in seen:
-            dirnames[:] = []
             continue
         seen.add(real)
+        try:
+            dirnames, filenames = _list_dir(dirpath)
+        except OSError:
+            continue
         depth = len(Path(dirpath).relative_to(root).parts)
         keep = max_depth is None or depth + 1 < max_depth
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if keep else []
+        dirnames = sorted(d for d in dirnames if not d.startswith(".")) if keep else []
         yield dirpath, dirnames, filenames
+        stack.extend(os.path.join(dirpath, d) for d in reversed(dirnames))
 
 
 def index_folders(root: Path, listing: dict[str, list[str]] | None = None) -> dict[str, list[Path]]:
@@ -165,7 +192,7 @@ def index_folders(root: Path, listing: dict[str, list[str]] | None = None) -> di
     index: dict[str, list[Path]] = {}
     for dirpath, dirnames, filenames in walk(root):
         if listing is not None and filenames:
-            listing[str(Path(dirpath))] = filenames
+            listing[str(Path(dirpath))] = list(filenames)
         for d in dirnames:
             index.setdefault(d, []).append(Path(dirpath) / d)
     return index
@@ -235,10 +262,24 @@ def _below_header_block(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return df
 
 
+_TABLES_SEEN: dict | None = None  # while load_dataset runs: root -> tables found (one walk per root)
+
+
 def tables_under(root: Path, max_depth: int = 3) -> list[Path]:
     """Table files (.xlsx/.xls/.csv) at most `max_depth` levels below root. Frame folders are not
     listed: the walk stops at that depth and does not enter a folder's sub-folders when it holds
-    more than 300 (a folder of samples, e.g. DFME's train_data)."""
+    more than 300 (a folder of samples, e.g. DFME's train_data). Within one load_dataset call a
+    root is walked once (recognising the database and finding its tables share the walk)."""
+    key = (str(Path(root).resolve()), max_depth)
+    if _TABLES_SEEN is not None and key in _TABLES_SEEN:
+        return list(_TABLES_SEEN[key])
+    found = _walk_tables(root, max_depth)
+    if _TABLES_SEEN is not None:
+        _TABLES_SEEN[key] = found
+    return list(found)
+
+
+def _walk_tables(root: Path, max_depth: int) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in walk(root, max_depth):
         if len(dirnames) > 300:
@@ -514,11 +555,20 @@ def load_dataset(root: str | Path, cfg: dict, check_disk: bool = True) -> Datase
 
     data.dataset=auto recognises DFME, CASME II, SAMM, CAS(ME)^3 (by their tables), a folder
     holding several of the last three (the composite protocol) and manifest CSVs."""
-    from .databases import READERS, detect_kind
-
+    global _TABLES_SEEN, _LISTED
     root = Path(root)
     if not root.exists():
         raise UserError(f"dataset root not found: {root}")
+    _TABLES_SEEN, _LISTED = {}, {}
+    try:
+        return _load_dataset(root, cfg, check_disk)
+    finally:
+        _TABLES_SEEN = _LISTED = None
+
+
+def _load_dataset(root: Path, cfg: dict, check_disk: bool) -> Dataset:
+    from .databases import READERS, detect_kind
+
     kind = cfg["data"]["dataset"]
     if kind == "auto":
         kind = "composite" if cfg["data"].get("protocol") == "composite" and root.is_dir() else detect_kind(root)

@@ -227,3 +227,19 @@ def test_submission_ids_follow_the_declared_base():
     validate(sub, ["x", "y", "z"], 3, base=1)
     with pytest.raises(UserError, match=r"outside 0..2"):
         validate(sub, ["x", "y", "z"], 3)
+
+
+def test_reading_a_dataset_and_its_frame_lists_lists_every_folder_once(tmp_path):
+    """One walk of the frame tree: recognising the database, finding its tables, indexing its
+    folders, checking the frames and listing each clip's frames for preprocessing share it."""
+    from mer.bench import ListingCounter, make_empty_tree
+    from mer.frames import FolderFrames
+    from mer.preprocessing import clips_of
+
+    make_empty_tree(tmp_path / "D", clips=12, frames=30)
+    with ListingCounter() as lc:
+        ds = load_dataset(tmp_path / "D", load_config())
+        clips = clips_of(ds, ["train"], load_config()["data"]["image_exts"])
+        assert all(c.files is not None and len(c.files) == 30 for c in clips)
+        assert sum(len(FolderFrames.of(c.frames_dir, c.exts, c.start_frame, c.end_frame, c.files)) for c in clips) == 360
+    assert len(ds.table) == 12 and lc.counts and max(lc.counts.values()) == 1, lc.counts.most_common(3)
