@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,6 +227,14 @@ def _preprocess_clip(spec) -> tuple[str, int, float]:
     return spec.filename, frames.rendered, time.process_time() - t0
 
 
+def _mark_failed(spec, reason: str, dirs: list[Path]) -> None:
+    for cdir in dirs:
+        path = C.clip_file(cdir, "train", spec.filename)
+        if not path.is_file():
+            C.save_clip(path, {"status": np.asarray("failed"), "reason": np.asarray(reason),
+                               "fps": np.asarray(float(spec.fps))})
+
+
 def preprocess_variants(bench: Bench, rows: list[Row], workers: int) -> dict[str, Path]:
     """Cache every clip under every preprocessing setting the rows need; return row -> cache dir
     (and '_extra' -> the extra database's cache, when a row uses it)."""
@@ -264,12 +270,15 @@ def _stream_set(bench: Bench, synth, root: Path, variants: dict[str, dict], work
         args = ([(cfg, d) for d, cfg in variants.items()], synth)
         bar = tqdm(total=len(todo), desc="render+preprocess", unit="clip", file=sys.stderr, dynamic_ncols=True)
         if workers > 1:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=args) as pool:
-                for fut in as_completed([pool.submit(_preprocess_clip, s) for s in todo]):
-                    _, n, sec = fut.result()
-                    rendered, cpu = rendered + n, cpu + sec
-                    bar.update()
+            from .workers import Lost, run_jobs
+
+            for spec, result in run_jobs(_preprocess_clip, todo, workers, _init_worker, args, "spawn",
+                                         describe=lambda s: s.filename):
+                if isinstance(result, Lost):  # recorded as failed for the variants still missing it
+                    _mark_failed(spec, result.reason, [Path(d) for d in variants])
+                else:
+                    rendered, cpu = rendered + result[1], cpu + result[2]
+                bar.update()
         else:
             _init_worker(*args)
             for s in todo:

@@ -62,7 +62,7 @@ def test_ablation_end_to_end_streams_trains_scores_and_resumes(tmp_path, capsys)
 
     args = ["ablate", "--work", str(tmp_path / "abl"), "--clips", "21", "--subjects", "7",
             "--rows", "channels_uv", "seeds_1", "tta_mirror", "extra_database", "--seeds", "0", "1",
-            "--workers", "1", "--jobs", "1",
+            "--workers", "2", "--jobs", "1",
             "--bootstrap", "50", "--synth-set", "width=320", "--synth-set", "height=240",
             "--synth-set", "me_ms=[250,300]", "--synth-set", "neutral_ms=[40,60]", "--synth-set", "fps=[200]",
             "--set", "train.epochs=2", "--set", "train.min_steps=1", "--set", "train.folds=3", "--set", "model.sequence.depth=1",
