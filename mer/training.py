@@ -626,7 +626,8 @@ def _settings_that_shape_models(cfg: dict) -> dict:
     train["extra"] = list(train.get("extra") or [])  # runs from before extra data existed had none
     if not train["extra"]:
         train.pop("extra_class_map", None)  # means nothing without extra data
-    out = {"model": cfg["model"], "train": train, "preprocess": cfg["preprocess"],
+    out = {"model": cfg["model"], "train": train,
+           "preprocess": {k: v for k, v in cfg["preprocess"].items() if k not in C.NOT_IN_KEY},
            "predict": {"tta": (cfg.get("predict") or {}).get("tta", "none")}}  # how out-of-fold logits are made
     if (cfg.get("pretrain") or {}).get("enabled"):
         out["pretrain"] = cfg["pretrain"]
@@ -642,11 +643,14 @@ def _check_same_settings(run_dir: Path, cfg: dict) -> None:
         return
     old = yaml.safe_load(path.read_text(encoding="utf-8"))
     old.pop("_meta", None)
-    try:  # settings added to the defaults since the run started take their default value
-        old = merge(default_config(), old, str(path))
-    except ConfigError:
-        pass
-    a, b = _settings_that_shape_models(old), _settings_that_shape_models(cfg)
+
+    def with_defaults(c: dict) -> dict:  # settings added since a run or a cache was made take their default
+        try:
+            return merge(default_config(), c, str(path))
+        except ConfigError:
+            return c
+
+    a, b = _settings_that_shape_models(with_defaults(old)), _settings_that_shape_models(with_defaults(cfg))
     if stable_hash(a) != stable_hash(b):
         diff = [f"{s}.{k}" for s in sorted(set(a) | set(b)) for k in set(a.get(s, {})) | set(b.get(s, {}))
                 if a.get(s, {}).get(k) != b.get(s, {}).get(k)]

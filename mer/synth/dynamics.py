@@ -88,10 +88,9 @@ def _amplitudes(config: SynthConfig, rng: np.random.Generator, n: int, gain: flo
     lo, hi = config.amplitude_px
     if config.amplitude_dist == "loguniform" and lo > 0:
         amp = np.exp(rng.uniform(np.log(lo), np.log(hi), n)) * gain
-        amp = np.clip(amp, lo, hi)
     else:
         amp = rng.uniform(lo, hi, n) * gain
-    return amp * config.amplitude
+    return np.clip(amp, lo, hi) * config.amplitude  # a subject's gain never leaves the stated range
 
 
 def _blinks(config: SynthConfig, rng: np.random.Generator, total: float) -> tuple[str, list[dict]]:
