@@ -91,6 +91,7 @@ ROWS: tuple[Row, ...] = (
         ("preprocess.head_motion=homography",)),
     Row("pretrain", "masked ROI-motion pretraining per fold (training side only), then fine-tuning",
         ("pretrain.enabled=true",)),
+    Row("amp", "mixed precision: bfloat16 autocast of the training steps (train.amp)", ("train.amp=true",)),
     Row("extra_database", "plus a generated CAS(ME)^3-like database as declared extra training data", extra=True),
 )
 DEFAULT_ROW = "default"

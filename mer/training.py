@@ -8,6 +8,7 @@ bit-identical to an uninterrupted run (every epoch reseeds from (seed, fold, epo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -474,6 +475,11 @@ def load_encoder(model: nn.Module, encoder: dict, path: Path) -> None:
     model.load_state_dict(wanted, strict=False)
 
 
+def _autocast(device: str, amp: bool):
+    """bfloat16 autocast on the device's type when amp is on; nothing otherwise (any device)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
 def _epoch(st: Setup, cfg: dict, device: str, rng: np.random.Generator, amp: bool) -> dict:
     """One pass over the training clips. Batches are built (augmented) first and moved to the
     device in one go; the loss is read back once, at the end."""
@@ -489,7 +495,7 @@ def _epoch(st: Setup, cfg: dict, device: str, rng: np.random.Generator, amp: boo
     au_total = torch.zeros((), device=device)
     n = 0
     for batch in prepared:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with _autocast(device, amp):
             heads = st.model.forward_heads(batch)
             loss = st.loss_fn(heads["emotion"].float(), batch["label"])
             au_part = None
@@ -531,7 +537,7 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
     if threads:
         torch.set_num_threads(threads)
     set_deterministic(device, deterministic_for(tcfg.get("deterministic", "auto"), device))
-    amp = bool(tcfg.get("amp", False)) and device.startswith("cuda")
+    amp = bool(tcfg.get("amp", False))
     save_config(cfg, out / "config.yaml", fold=fold, seed=seed, cache=meta["cache"])
     st = _setup(clips, folds, fold, seed, cfg, meta, device, extra, init)
     ckpt, history, start, best = out / "last.pt", [], 0, (-1.0, None)
