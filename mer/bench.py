@@ -47,9 +47,10 @@ def _dataset(path: Path | None, clips: int, seed: int, workers: int, width: int 
     return out
 
 
-def _summary_features(features: np.ndarray) -> np.ndarray:
-    """Per-ROI temporal statistics of (T, R, C) features, for a linear probe of feature quality."""
-    u, v = features[..., 0], features[..., 1]
+def _summary_features(features: np.ndarray, channels: list[str]) -> np.ndarray:
+    """Per-ROI temporal statistics of (T, R, C) features (u and v found by name), for a linear
+    probe of feature quality."""
+    u, v = features[..., channels.index("u")], features[..., channels.index("v")]
     mag = np.hypot(u, v)
     peak = mag.argmax(0)
     r = np.arange(mag.shape[1])
@@ -57,7 +58,8 @@ def _summary_features(features: np.ndarray) -> np.ndarray:
                            peak / len(mag)])
 
 
-def probe_uf1(feats: list[np.ndarray], labels: np.ndarray, subjects: np.ndarray, seed: int = 0) -> float:
+def probe_uf1(feats: list[np.ndarray], labels: np.ndarray, subjects: np.ndarray, channels: list[str],
+              seed: int = 0) -> float:
     """Out-of-fold UF1 of a class-balanced logistic regression on per-ROI statistics
     (subject-independent folds): a cheap, model-free measure of how informative features are."""
     from sklearn.linear_model import LogisticRegression
@@ -67,12 +69,15 @@ def probe_uf1(feats: list[np.ndarray], labels: np.ndarray, subjects: np.ndarray,
 
     from .metrics import scores
 
-    x = np.stack([_summary_features(f) for f in feats])
+    x = np.stack([_summary_features(f, channels) for f in feats])
     n_splits = min(5, len(np.unique(subjects)), np.bincount(labels).max())
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, class_weight="balanced", max_iter=3000))
     pred = cross_val_predict(clf, x, labels, groups=subjects,
                              cv=StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed))
     return scores(labels, pred, n_classes=int(labels.max()) + 1)["uf1"]
+
+
+REFERENCE_CHANNELS = ("u", "v", "mag")
 
 
 def reference_features(clip, cfg: dict, extractor) -> np.ndarray:
@@ -91,7 +96,7 @@ def reference_features(clip, cfg: dict, extractor) -> np.ndarray:
     m = crop_matrix(landmarks, size, p["crop_scale"], p["crop_center_y"])
     lm = transform_points(m, landmarks)
     layout = roi_boxes(lm, extractor.specs, size, p["roi_size"], p["nose_landmarks"])
-    pool = RoiPooler(layout.boxes, size, p["top_frac"], ("u", "v", "mag"))
+    pool = RoiPooler(layout.boxes, size, p["top_frac"], REFERENCE_CHANNELS)
     flow_fn = make_flow("farneback")
     ref = cv2.warpAffine(first, m, (size, size))
     feats = []
@@ -216,8 +221,8 @@ def _reference_comparison(root: Path, cfg: dict, ex, args: argparse.Namespace) -
     print(f"  {len(clips)} clips of {root.name}: CPU per clip {1000 * cpu / len(clips):.0f} ms vs "
           f"{1000 * cpu_ref / len(clips):.0f} ms for the reference (Farneback, 256 px crop, every frame): "
           f"{cpu_ref / cpu:.1f}x less CPU (target >= 6x)")
-    print(f"  linear-probe UF1 (subject-independent CV): ours {probe_uf1(ours, labels, subjects):.3f}, "
-          f"reference {probe_uf1(theirs, labels, subjects):.3f} (target: not lower)")
+    print(f"  linear-probe UF1 (subject-independent CV): ours {probe_uf1(ours, labels, subjects, ex.channels):.3f}, "
+          f"reference {probe_uf1(theirs, labels, subjects, list(REFERENCE_CHANNELS)):.3f} (target: not lower)")
 
 
 def _truth_labels(root: Path, ds) -> dict[str, tuple[int, str]]:

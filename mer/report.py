@@ -94,6 +94,22 @@ def _run_setting(run_dir: Path, section: str, key: str, default):
     return (cfg.get(section) or {}).get(key, default)
 
 
+def write_report_locked(run_dir: str | Path) -> dict:
+    """write_report under an exclusive lock on the run folder: processes training folds of one run
+    (--fold k on several GPUs or nodes) write it one after another, each reading the results saved
+    before it took the lock, so the last to finish always writes the complete report."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unlocked (each write is still atomic)
+        return write_report(run_dir)
+    with open(Path(run_dir) / ".report.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return write_report(run_dir)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def write_report(run_dir: str | Path) -> dict:
     """Write report.json, report.md, per_class.csv, oof_ensemble.csv, confusion.png and
     learning_curves.png into the run folder; return the summary."""

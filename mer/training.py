@@ -2,8 +2,9 @@
 
 Each (fold, seed) is an independent run in runs/<name>/fold<k>/seed<s>/ (checkpoint, resolved
 config, per-epoch metrics, out-of-fold logits), so runs can go to a job array or several GPUs.
-A finished run is skipped; an interrupted one resumes from its last epoch checkpoint and ends
-bit-identical to an uninterrupted run (every epoch reseeds from (seed, fold, epoch)).
+A finished run is skipped; an interrupted one resumes from its last epoch checkpoint and, on the
+CPU (or on CUDA with train.deterministic: true, same GPU and software), ends bit-identical to an
+uninterrupted run (every epoch reseeds from (seed, fold, epoch)); see mer/devices.py.
 """
 
 from __future__ import annotations
@@ -722,10 +723,16 @@ def resolve_jobs(jobs: int | str, device: str, n_runs: int, gpu_job_mb: float = 
     most one per CPU core."""
     if jobs == "auto":
         jobs = jobs_that_fit(device, gpu_job_mb) if device.startswith("cuda") else cpu_count()
-    try:
-        jobs = int(jobs)
-    except ValueError:
-        raise UserError(f"--jobs must be a number or auto, got '{jobs}'") from None
+    else:
+        try:
+            jobs = int(jobs)
+        except ValueError:
+            raise UserError(f"--jobs must be a number or auto, got '{jobs}'") from None
+        if device.startswith("cuda") and min(jobs, n_runs) > 1:
+            fit = jobs_that_fit(device, gpu_job_mb)
+            if fit < min(jobs, n_runs):
+                log.warning("--jobs %d on %s: its free memory holds about %d at train.gpu_job_mb=%g MB each; "
+                            "processes may run out of memory (--jobs auto chooses)", jobs, device, fit, gpu_job_mb)
     return max(1, min(jobs, n_runs))
 
 
@@ -783,7 +790,7 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
         if "uf1" in res:
             log.info("fold %d seed %d: held-out UF1 %.4f UAR %.4f ACC %.2f%% (n=%d)", res["fold"], res["seed"],
                      res["uf1"], res["uar"], 100 * res["acc"], res["n_oof"])
-    from .report import write_report
+    from .report import write_report_locked
 
-    write_report(run_dir)
+    write_report_locked(run_dir)  # several processes of one run: the last to finish writes it whole
     return run_dir

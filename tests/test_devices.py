@@ -1,5 +1,6 @@
 """Device handling: --device parsed and checked once, before anything is written."""
 
+import os
 import subprocess
 import sys
 
@@ -87,6 +88,7 @@ def test_the_worker_pool_runs_with_spawn_too():
     assert sorted(v for _, v in run_jobs(_double, [1, 2, 3], 2, start_method="spawn")) == [2, 4, 6]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where CUDA fails")
 def test_a_gpu_that_fails_is_a_device_error_not_a_broken_model(trained_runs):
     """Checkpoints are read onto the CPU, then moved: here the move fails (no CUDA in this torch,
     as on a GPU that is missing, busy or full) and the message says the model files are fine."""
@@ -98,3 +100,83 @@ def test_a_gpu_that_fails_is_a_device_error_not_a_broken_model(trained_runs):
     assert "the model files are fine" in str(e.value) and "delete" not in str(e.value)
     models = load_models(runs["sequence"], "cpu")
     assert next(models[0].model.parameters()).device.type == "cpu"
+
+
+def test_deterministic_kernels_are_really_switched_on_and_off():
+    import torch
+
+    from mer import models
+
+    try:
+        devices.set_deterministic("cpu", True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and not models.MATH_ATTENTION  # the CPU has no fused kernels
+        devices.set_deterministic("cuda:0", True)
+        assert models.MATH_ATTENTION and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
+        devices.set_deterministic("cuda:0", False)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+        assert not models.MATH_ATTENTION
+    finally:
+        devices.set_deterministic("cpu", True)
+
+
+def test_a_resumed_optimiser_keeps_its_step_counters_on_the_cpu(tmp_path):
+    """Checkpoints load onto the CPU: moments follow the parameters to the device, AdamW's step
+    counters stay on the host (on a GPU they would cost a sync per parameter per step)."""
+    import torch
+
+    from mer.training import load_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    torch.save({"opt": opt.state_dict()}, tmp_path / "last.pt")
+    on_device = torch.nn.Linear(3, 2, device="meta")  # stands for the GPU: stray host tensors raise
+    resumed = torch.optim.AdamW(on_device.parameters())
+    resumed.load_state_dict(load_checkpoint(tmp_path / "last.pt")["opt"])
+    state = list(resumed.state.values())
+    assert state and all(s["step"].device.type == "cpu" and s["exp_avg"].device.type == "meta" for s in state)
+
+
+def test_jobs_on_a_gpu_follow_its_free_memory(monkeypatch, caplog):
+    import torch
+
+    from mer.training import resolve_jobs
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 16 * 2**30))
+    monkeypatch.setattr("mer.cli.cpu_count", lambda: 8)
+    assert resolve_jobs("auto", "cuda:0", 15, gpu_job_mb=2048) == 4  # 80% of 10 GB at 2 GB each
+    assert resolve_jobs("auto", "cuda:0", 2, gpu_job_mb=512) == 2  # never more than the runs
+    assert resolve_jobs("auto", "cuda:0", 15, gpu_job_mb=256) == 8  # nor than the CPU cores
+    with caplog.at_level("WARNING", logger="mer"):
+        assert resolve_jobs("6", "cuda:0", 15, gpu_job_mb=2048) == 6  # asked for: done, with a word on memory
+    assert "holds about 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mer"):
+        resolve_jobs("3", "cuda:0", 15, gpu_job_mb=2048)
+    assert "holds about" not in caplog.text
+
+
+def test_processes_of_one_run_write_its_report_one_after_another(trained_runs):
+    """The report is written under a lock on the run folder: a process that finishes while another
+    writes waits, then reads every result saved so far (the last to finish writes it whole)."""
+    import fcntl
+    import threading
+    import time
+
+    from mer.report import write_report_locked
+
+    _, runs = trained_runs
+    run = runs["sequence"]
+    before = (run / "report.json").stat().st_mtime_ns
+    with open(run / ".report.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        writer = threading.Thread(target=write_report_locked, args=(run,))
+        writer.start()
+        time.sleep(1.0)
+        assert writer.is_alive() and (run / "report.json").stat().st_mtime_ns == before  # waits for the lock
+        fcntl.flock(held, fcntl.LOCK_UN)
+    writer.join(timeout=60)
+    assert not writer.is_alive() and (run / "report.json").stat().st_mtime_ns > before
