@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .flow import optical_strain
 
 # iBUG-68 (0-based) left/right mirror permutation: landmark i of a mirrored face is MIRROR_68[i].
 MIRROR_68 = np.array(
@@ -141,13 +140,21 @@ class Motion:
         return np.stack(self.at(xs, ys), -1).astype(np.float32)
 
 
+IRLS_TOL_PX = 1e-3  # the fit stops once an iteration moves no point's displacement by more than this
+
+
 def _irls(A: np.ndarray, d: np.ndarray, n_points: int, init: np.ndarray | None, iters: int) -> np.ndarray:
     """Robust least squares for a displacement model d = A p stacked as (all u rows, all v rows):
     Tukey's biweight on each point's residual length, scale from the median absolute residual,
-    started from `init`; local AU and blink motions get zero weight."""
+    started from `init`, at most `iters` iterations, fewer once converged (warm-started from the
+    previous step it mostly is after two); local AU and blink motions get zero weight."""
     p = np.zeros(A.shape[1]) if init is None else np.asarray(init, np.float64)
+    last = None
     for _ in range(iters):
         r = d - A @ p
+        if last is not None and np.abs(r - last).max() < IRLS_TOL_PX:
+            break
+        last = r
         rr = np.hypot(r[:n_points], r[n_points:])  # one residual per point, both components
         sigma = max(1.4826 * np.median(rr), 1e-3)
         c = 4.685 * sigma
@@ -283,16 +290,30 @@ class RoiPooler:
         }
         return np.stack([pooled[c]() for c in self.channels], axis=1).astype(np.float32)
 
+    def _neighbours(self) -> tuple[np.ndarray, ...]:
+        """Flat indices of each ROI pixel's neighbours and the spacing between them: central
+        differences inside the crop, one-sided at its edges (exactly np.gradient's)."""
+        n, x, y = self.size, self.all % self.size, self.all // self.size
+        left, right = self.all - (x > 0), self.all + (x < n - 1)
+        up, down = self.all - n * (y > 0), self.all + n * (y < n - 1)
+        return left, right, (right - left).astype(np.float32), up, down, ((down - up) // n).astype(np.float32)
+
     def _top_strain(self, flow: np.ndarray, motion: Motion | None) -> np.ndarray:
-        zero = np.zeros((2, 2), np.float32)
-        out = np.empty(len(self.boxes))
-        n = self.size
-        for r, ((x0, y0, x1, y1), k) in enumerate(zip(self.boxes, self.k)):
-            a0, b0, a1, b1 = max(x0 - 1, 0), max(y0 - 1, 0), min(x1 + 1, n), min(y1 + 1, n)
-            jac = motion.jacobian((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2) if motion is not None else zero
-            s = optical_strain(flow[b0:b1, a0:a1], jac)[y0 - b0:y1 - b0, x0 - a0:x1 - a0].ravel()
-            out[r] = np.partition(s, len(s) - k)[-k:].mean()
-        return out
+        """Mean of each ROI's top-k strain values, differentiated at the ROI pixels only; the head's
+        affine part (its Jacobian at each ROI's centre) is subtracted from the derivatives."""
+        if not hasattr(self, "_nb"):
+            self._nb = self._neighbours()
+        left, right, dx, up, down, dy = self._nb
+        u, v = flow[..., 0].ravel(), flow[..., 1].ravel()
+        du_dx, dv_dx = (u[right] - u[left]) / dx, (v[right] - v[left]) / dx
+        du_dy, dv_dy = (u[down] - u[up]) / dy, (v[down] - v[up]) / dy
+        if motion is not None:
+            centres = [((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2) for x0, y0, x1, y1 in self.boxes]
+            jac = np.repeat(np.stack([motion.jacobian(cx, cy) for cx, cy in centres]), np.diff(self.seg), axis=0)
+            du_dx, du_dy, dv_dx, dv_dy = du_dx - jac[:, 0, 0], du_dy - jac[:, 0, 1], dv_dx - jac[:, 1, 0], dv_dy - jac[:, 1, 1]
+        strain = np.sqrt(du_dx ** 2 + dv_dy ** 2 + 0.5 * (du_dy + dv_dx) ** 2)
+        return np.array([np.partition(strain[s:e], (e - s) - k)[-k:].mean()
+                         for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
 
 
 def grid_frames(numbers: np.ndarray, fps: float, grid_ms: float, max_ms: float) -> tuple[np.ndarray, np.ndarray]:

@@ -349,6 +349,12 @@ def test_roi_pooling_on_roi_pixels_equals_the_whole_field():
         top = np.argsort(mag)[-k:]
         slow[r] = [u[top].mean(), v[top].mean(), mag[top].mean(), np.sort(strain[y0:y1, x0:x1].ravel())[-k:].mean()]
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+    # boxes on the crop's edges and corners: one-sided differences there, as np.gradient takes them
+    edges = np.array([[0, 0, 12, 9], [size - 7, 40, size, 60], [50, size - 5, 80, size]])
+    pool = RoiPooler(edges, size, 1.0, ("strain",))
+    whole = optical_strain(flow)
+    want = [whole[y0:y1, x0:x1].mean() for x0, y0, x1, y1 in edges]
+    np.testing.assert_allclose(pool(flow)[:, 0], want, rtol=1e-4, atol=1e-6)
 
 
 def test_robust_similarity_fit_ignores_local_motion():
