@@ -92,7 +92,7 @@ def reference_features(clip, cfg: dict, extractor) -> np.ndarray:
     size = p["crop_size"]
     frames = list_frames(clip.frames_dir)
     first = cv2.imread(str(frames[0]), cv2.IMREAD_GRAYSCALE)
-    landmarks, _ = extractor.landmarker(first)
+    landmarks = extractor.landmarker(first).landmarks
     m = crop_matrix(landmarks, size, p["crop_scale"], p["crop_center_y"])
     lm = transform_points(m, landmarks)
     layout = roi_boxes(lm, extractor.specs, size, p["roi_size"], p["nose_landmarks"])
@@ -206,7 +206,7 @@ def _reference_comparison(root: Path, cfg: dict, ex, args: argparse.Namespace) -
     from .preprocessing import clips_of
 
     ds = resolve_issues(load_dataset(root, cfg))
-    clips = clips_of(ds, ds.splits, cfg["data"]["image_exts"])
+    clips = clips_of(ds, ds.splits, cfg["data"]["image_exts"])[: args.reference_clips]
     truth = _truth_labels(root, ds)
     ours, theirs, cpu, cpu_ref = [], [], 0.0, 0.0
     for clip in clips:
@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="generator (ablate: render+preprocess) processes")
     parser.add_argument("--skip-reference", action="store_true", help="preprocess: skip the Farneback reference")
+    parser.add_argument("--reference-clips", type=int, help="preprocess: clips of the reference comparison "
+                        "(default: every clip of the first set)")
     parser.add_argument("--limit", type=int, default=30, help="preprocess: clips to time per frame kind")
     parser.add_argument("--frames", nargs="+", default=["640x480:png", "640x480:jpg", "1024x768:png", "1024x768:jpg"],
                         help="preprocess: frame kinds WxH:png|jpg (the first one also gets the reference comparison)")
