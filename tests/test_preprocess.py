@@ -291,17 +291,19 @@ def test_cropper_low_passes_what_it_shrinks():
 
 def test_big_faces_are_measured_without_aliased_noise(tmp_path):
     """The same AU on a face 2.5x larger than the flow crop: with sensor noise, the anti-aliased
-    crop measures it within 10% of the noise-free clip (bilinear decimation: 14% low)."""
+    crop measures it within 10% of the noise-free clip (bilinear decimation: 14% low). Filmed with
+    the face at the crop's own size (no reduction), the same clip reads 15% lower (the crop's
+    bilinear resampling softens the skin texture DIS tracks): within 20%, not yet the 10% we aim at."""
     from mer.face import Cropper
     from mer.synth import SynthConfig, single_clip_spec, write_clip
 
-    def peak(noise: float, factor: int | None = None) -> float:
-        cfg = SynthConfig(subjects=2, split_subjects=(2, 0, 0), width=1024, height=768, face_width=240.0,
+    def peak(noise: float, factor: int | None = None, face: float = 240.0, frame: tuple = (1024, 768)) -> float:
+        cfg = SynthConfig(subjects=2, split_subjects=(2, 0, 0), width=frame[0], height=frame[1], face_width=face,
                           face_spread=0.0, head_motion=0.0, blink_prob=0.0, jpeg_quality=100, skin_texture=4.0,
                           noise=noise, noise_sigma=(2.5, 2.5), flicker_pct=(0, 0), amplitude_px=(1.0, 1.0),
                           me_ms=(300.0, 300.0), neutral_ms=(60.0, 60.0))
         spec = single_clip_spec(cfg, "happiness", subject_index=1, fps=200, aus=[12])
-        d = tmp_path / f"n{noise}_{factor}"
+        d = tmp_path / f"n{noise}_{factor}_{face}"
         write_clip(spec, cfg, d)
         ex = Extractor(work_config(tmp_path))
         if factor is not None:  # force the old bilinear decimation
@@ -312,15 +314,21 @@ def test_big_faces_are_measured_without_aliased_noise(tmp_path):
                 self.factor = factor
             Cropper.__init__ = forced
         try:
-            f = ex.process(Clip("train", "x", str(d), 200.0))["features"]
+            res = ex.process(Clip("train", "x", str(d), 200.0))
+            f = res["features"]
+            sizes.append(np.hypot(*res["crop_matrix"][0, :2]))  # crop px per frame px
         finally:
             if factor is not None:
                 Cropper.__init__ = init
         return float(np.hypot(f[..., 0], f[..., 1])[:, [ROI["mouth_48"], ROI["mouth_54"]]].max(0).mean())
 
+    sizes = []
     clean, noisy = peak(0.0), peak(1.0)
     assert abs(noisy / clean - 1) < 0.10
     assert peak(1.0, factor=1) / clean < noisy / clean  # bilinear decimation reads less of the motion
+    small = peak(0.0, face=270.0, frame=(400, 300))  # 169 px: the size it has in the crop
+    assert 1 / sizes[0] > 2.2 and 0.9 < sizes[-1] < 1.1, sizes  # a 2.3x reduction and none
+    assert abs(small / clean - 1) < 0.20
 
 
 def test_roi_pooling_on_roi_pixels_equals_the_whole_field():
