@@ -29,6 +29,9 @@ def main() -> None:
                         "CPU core on CPU; on a GPU as many as its free memory holds, see train.gpu_job_mb)")
     parser.add_argument("--pretrain", action="store_true", help="self-supervised masked ROI-motion pretraining "
                         "first, one encoder per fold on its training side (shortcut for --set pretrain.enabled=true)")
+    parser.add_argument("--deterministic", choices=["auto", "true", "false"],
+                        help="deterministic kernels (bit-identical reruns and resumes): auto = on for the CPU, off "
+                             "on CUDA (faster); shortcut for --set train.deterministic=")
     parser.add_argument("--explain", metavar="SAMPLE", help="write the attention heatmap of one train clip")
     parser.add_argument("--out", help="where --explain writes its PNG")
     add_config_args(parser)
@@ -46,6 +49,8 @@ def main() -> None:
             cfg["train"]["extra"] = list(args.extra)
         if args.pretrain:
             cfg["pretrain"]["enabled"] = True
+        if args.deterministic:
+            cfg["train"]["deterministic"] = {"auto": "auto", "true": True, "false": False}[args.deterministic]
         name = args.name or cfg["model"]["name"]
         device = args.device
         if args.explain:

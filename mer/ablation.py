@@ -56,7 +56,7 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = (
-    Row("default", "today's defaults: full-sequence transformer, DIS medium at 192 px, 10 ms grid, "
+    Row("default", "the defaults: full-sequence transformer with the AU head, DIS medium at 192 px, 10 ms grid, "
                    "similarity head motion, top 25%, channels u, v, mag, strain"),
     Row("flow_farneback", "flow: Farneback instead of DIS", ("preprocess.flow=farneback",)),
     Row("flow_size_128", "flow computed on a 128 px crop", ("preprocess.flow_size=128",)),
@@ -70,7 +70,8 @@ ROWS: tuple[Row, ...] = (
     Row("channels_uv_mag", "channels u, v, mag (no strain)", ("model.channels=[u,v,mag]",)),
     Row("grid_5ms", "time grid 5 ms", ("preprocess.grid_ms=5",)),
     Row("grid_20ms", "time grid 20 ms", ("preprocess.grid_ms=20",)),
-    Row("apex_cnn", "onset-apex baseline: ApexCNN on the first->max-motion flow map", ("model.name=apex_cnn",)),
+    Row("apex_cnn", "onset-apex baseline: ApexCNN on the first->apex flow map (blink-free max-motion frame)",
+        ("model.name=apex_cnn",)),
     Row("seeds_1", "one seed per fold instead of the seed ensemble", seeds=1),
     Row("ens_apex_equal", "ensemble default + apex_cnn, equal weights", combine=("default", "apex_cnn")),
     Row("ens_apex_nested", "ensemble default + apex_cnn, weights searched on the other folds",
@@ -78,15 +79,15 @@ ROWS: tuple[Row, ...] = (
     Row("bias_nested", "default + per-class logit biases tuned on the other folds", combine=("default",),
         bias=True),
     # beyond the winner (mer/blinks.py, mer/pretraining.py, the AU head, test-time mirroring)
-    Row("au_multitask", "auxiliary AU head (weighted BCE on the table's AU column, weight 0.5)",
-        ("train.au_weight=0.5",)),
+    Row("no_au_head", "without the auxiliary AU head (train.au_weight=0: the defaults before the ablation)",
+        ("train.au_weight=0",)),
     Row("tta_mirror", "test-time mirroring: mean of the clip's and its mirror's logits (the default's models)",
         ("predict.tta=mirror",), rescore=True),
     Row("blink_mask", "brow and eyelid ROIs zeroed on blink steps", ("model.blink=mask",)),
     Row("blink_gate", "brow and eyelid ROIs scaled by 1 - blink score", ("model.blink=gate",)),
     Row("blink_interp", "brow and eyelid ROIs interpolated across blink steps", ("model.blink=interp",)),
-    Row("apex_blink_free", "onset-apex baseline with the blink-free max-motion frame",
-        ("model.name=apex_cnn", "preprocess.apex_frame=blink_free"), baseline="apex_cnn"),
+    Row("apex_max_motion", "onset-apex baseline on the max-motion frame, blinks or not",
+        ("model.name=apex_cnn", "preprocess.apex_frame=max_motion"), baseline="apex_cnn"),
     Row("head_homography", "head motion: first-order homography (turns and nods) instead of a similarity",
         ("preprocess.head_motion=homography",)),
     Row("pretrain", "masked ROI-motion pretraining per fold (training side only), then fine-tuning",

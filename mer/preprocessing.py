@@ -104,8 +104,10 @@ class Extractor:
         if p["apex_frame"] not in ("max_motion", "blink_free"):
             raise ValueError(f"preprocess.apex_frame must be max_motion or blink_free, got '{p['apex_frame']}'")
         if p["apex_frame"] == "blink_free" and ("v" not in self.channels or len(eyelid_rois(self.specs)) < 2):
-            raise ValueError("preprocess.apex_frame=blink_free finds blinks in the v channel of the two lower-eyelid "
-                             "ROIs: keep v in preprocess.channels and the eyelid ROIs in preprocess.rois")
+            log.warning("preprocess.apex_frame=blink_free finds blinks in the v channel of the two lower-eyelid "
+                        "ROIs, which these settings lack (preprocess.channels, preprocess.rois): the onset-apex "
+                        "map uses the max-motion frame (set preprocess.apex_frame=max_motion to say so)")
+            self.cfg = {**self.cfg, "preprocess": {**p, "apex_frame": "max_motion"}}
 
     @property
     def landmarker(self):

@@ -436,8 +436,8 @@ def _setup(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, 
     aus = au_settings(tcfg)
     vocab = au_vocabulary_of(train_set, aus["keep_sides"], aus["min_count"]) if aus["weight"] > 0 else []
     if aus["weight"] > 0 and not vocab:
-        raise UserError(f"train.au_weight={aus['weight']:g} but no AU is coded on {aus['min_count']} or more "
-                        "training clips (the table's AU column); set train.au_weight=0")
+        log.warning("fold %d: no AU is coded on %d or more training clips (the table's AU column): training without "
+                    "the AU head (train.au_weight=0 says so and silences this)", fold, aus["min_count"])
     _seed_everything(seed, fold, -1)
     model = build(cfg, r, c, n_classes, len(vocab)).to(device)
     if encoder is not None:

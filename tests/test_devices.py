@@ -180,3 +180,18 @@ def test_processes_of_one_run_write_its_report_one_after_another(trained_runs):
         fcntl.flock(held, fcntl.LOCK_UN)
     writer.join(timeout=60)
     assert not writer.is_alive() and (run / "report.json").stat().st_mtime_ns > before
+
+
+def test_train_py_deterministic_flag_reaches_the_run(synth_cache, tmp_path):
+    import yaml
+
+    _, cdir = synth_cache
+    base = [sys.executable, str(ROOT / "train.py"), "--cache", str(cdir), "--fold", "0", "--seeds", "0", "--jobs", "1",
+            "--device", "cpu", "--set", f"train.run_dir={tmp_path}", "--set", "train.epochs=1",
+            "--set", "train.min_steps=0", "--set", "train.folds=3"]
+    out = subprocess.run(base + ["--deterministic", "maybe"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "--deterministic" in out.stderr
+    out = subprocess.run(base + ["--deterministic", "false"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    saved = yaml.safe_load((tmp_path / "sequence" / "fold0" / "seed0" / "config.yaml").read_text())
+    assert saved["train"]["deterministic"] is False

@@ -524,23 +524,25 @@ def test_homography_head_model_removes_a_turning_head_that_a_similarity_leaves()
         assert np.hypot(*f[au_roi]) > 0.7  # the AU itself stays
 
 
-def test_blink_free_apex_skips_the_blink_that_max_motion_picks(tmp_path):
+def test_blink_free_apex_skips_the_blink_that_max_motion_picks(tmp_path, caplog):
     clip, truth = render(tmp_path, [12], blink_prob=1.0, blink_kinds=(1.0, 0.0, 0.0), amplitude_px=(1.0, 1.2),
                          head_motion=0.3)
     t, closure = truth["times_ms"], truth["blink"]
-    frames = {}
+    frames, apex = {}, {}
     for mode in ("max_motion", "blink_free"):
         res = Extractor(work_config(tmp_path, **{"preprocess.apex_frame": mode})).process(clip)
-        k = list(res["frame_numbers"]).index(int(res["apex_motion_frame"]))
-        frames[mode] = res["times_ms"][k]
+        apex[mode] = int(res["apex_motion_frame"])
+        frames[mode] = res["times_ms"][list(res["frame_numbers"]).index(apex[mode])]
     def closed(ms):
         return np.interp(ms, t, closure) > 0.05
     assert closed(frames["max_motion"])  # the lid's motion dwarfs the smile
     assert not closed(frames["blink_free"])
     lo, hi = peak_window(truth, 12)
     assert lo - 40 <= frames["blink_free"] <= hi + 40  # the smile's peak instead
-    with pytest.raises(ValueError, match="apex_frame=blink_free finds blinks in the v channel"):
-        Extractor(work_config(tmp_path, **{"preprocess.apex_frame": "blink_free", "preprocess.channels": "[mag]"}))
+    with caplog.at_level("WARNING", logger="mer"):  # without v the blinks cannot be seen: said, max-motion used
+        ex = Extractor(work_config(tmp_path, **{"preprocess.apex_frame": "blink_free", "preprocess.channels": "[mag]"}))
+    assert "apex_frame=blink_free finds blinks in the v channel" in caplog.text
+    assert ex.process(clip)["apex_motion_frame"] == apex["max_motion"]
 
 
 def test_channels_are_found_by_name_in_preprocessing_inspect_and_training(synth_root, tmp_path):
@@ -554,3 +556,21 @@ def test_channels_are_found_by_name_in_preprocessing_inspect_and_training(synth_
     from mer.training import load_clips
 
     assert load_clips(cdir, "train", channels=["strain"]).features[0].shape[-1] == 1
+
+
+def test_workers_started_with_spawn_cache_the_same_clips_as_forked_ones(synth_root, tmp_path, monkeypatch):
+    """The start method FAN on a GPU needs: workers that import everything afresh (nothing
+    inherited from the parent) produce the same features as forked ones."""
+    import mer.preprocessing as P
+
+    root = _small_copy(synth_root, tmp_path / "D", {"train": _names(synth_root, "train.xlsx", 4)})
+    out = {}
+    for method in ("fork", "spawn"):
+        monkeypatch.setattr(P, "start_method", lambda cfg, device, m=method: m)
+        cdir = run(root, work_config(tmp_path / method), workers=2)
+        m = C.read_manifest(cdir, "train")
+        assert (m["status"] == "ok").all() and len(m) == 4
+        out[method] = {s: np.load(cdir / f)["features"] for s, f in zip(m["sample"], m["file"])}
+    assert out["fork"].keys() == out["spawn"].keys()
+    for s in out["fork"]:
+        np.testing.assert_array_equal(out["fork"][s], out["spawn"][s])
