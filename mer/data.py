@@ -136,6 +136,8 @@ def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpe
     tree), so that a folder is never listed twice."""
     exts = {e.lower() for e in exts}
     folder = Path(folder)
+    if names is None and _LISTED is not None:  # inside load_dataset: listed once, whoever asks first
+        names = _list_dir(str(folder))[1]
     if names is None:
         names = [e.name for e in os.scandir(folder) if e.is_file()]
     files = [folder / n for n in names if Path(n).suffix.lower() in exts and frame_number(n) is not None]

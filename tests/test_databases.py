@@ -274,3 +274,17 @@ def test_a_dfme_root_holding_another_database_is_still_dfme(tiny_dfme):
     ds = load(tiny_dfme)
     assert ds.name == "dfme" and len(ds.split("train")) == 4
     assert load(tiny_dfme / "extra" / "CASME2").name == "casme2-5class"
+
+
+@pytest.mark.parametrize("kind", ["casme2", "casme3"])
+def test_released_layouts_list_every_folder_once(tmp_path, kind):
+    """Finding the table, the clip folders (indexed by a walk when they are not at
+    <root>/<subject>/<clip>) and every clip's frames share one listing of each folder."""
+    from mer.bench import ListingCounter
+
+    root = tmp_path / kind
+    casme2_tree(root) if kind == "casme2" else casme3_tree(root)
+    with ListingCounter() as lc:
+        ds = load(root)
+    assert ds.table["frame_files"].map(bool).any()
+    assert lc.counts and max(lc.counts.values()) == 1, lc.counts.most_common(3)
