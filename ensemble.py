@@ -19,8 +19,8 @@ def main() -> None:
         from mer.ensembling import run_ensemble
 
         setup_logging(args.verbose)
-        run_ensemble(config_from_args(args), args.runs, args.split, args.device, args.truth,
-                     not args.no_archive, args.cache, args.root)
+        run_ensemble(config_from_args(args), args.runs, args.split, args.device, truth=args.truth,
+                     archive_files=not args.no_archive, cache=args.cache, root=args.root)
 
     run_main(go)
 

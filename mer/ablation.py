@@ -547,7 +547,7 @@ def to_markdown(table: pd.DataFrame, header: str) -> str:
 # ----------------------------------------------------------------------------- the command
 
 
-def run_ablation(work: Path, synth, rows: list[Row], seeds: list[int], workers: int, device: str, jobs,
+def run_ablation(work: Path, synth, rows: list[Row], seeds: list[int], *, workers: int, device: str, jobs,
                  base_sets: list[str] | None = None, out: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
     """Generate (streamed), preprocess, train and score `rows`; write <out>.md and <out>.json."""
     from .synth import config_dict

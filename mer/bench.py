@@ -420,8 +420,9 @@ def bench_ablate(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds_given else [0, 1, 2]
     work = Path(args.work or Path(tempfile.gettempdir()) / f"mer_ablate_{args.difficulty}_{args.clips}_{args.seed}")
     rows = select_rows(args.rows)
-    table = run_ablation(work, synth, rows, seeds, args.workers or cpu_count(), args.device,
-                         args.jobs, args.set, Path(args.out) if args.out else None, args.bootstrap)
+    table = run_ablation(work, synth, rows, seeds, workers=args.workers or cpu_count(), device=args.device,
+                         jobs=args.jobs, base_sets=args.set, out=Path(args.out) if args.out else None,
+                         n_boot=args.bootstrap)
     print((Path(args.out) if args.out else work / "ablation").with_suffix(".md").read_text())
     del table
 

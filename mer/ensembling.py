@@ -165,7 +165,7 @@ def fit_ensemble(runs: list[Path], cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------- submission
 
-def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: str, truth: str | None = None,
+def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: str, *, truth: str | None = None,
                        archive_files: bool = True, ensemble: dict | None = None,
                        cache: str | None = None, root: str | None = None) -> pd.DataFrame:
     """Predict `split` with the runs, check the rows against the split's table (re-read now: the
@@ -217,7 +217,7 @@ def declared_extra(results: list[tuple]) -> list[dict]:
     return list(seen.values())
 
 
-def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: str | None = None,
+def run_ensemble(cfg: dict, names: list[str], split: str, device: str, *, truth: str | None = None,
                  archive_files: bool = True, cache: str | None = None, root: str | None = None) -> pd.DataFrame:
     runs = resolve_runs(cfg, names)
     ens = fit_ensemble(runs, cfg)
@@ -229,6 +229,6 @@ def run_ensemble(cfg: dict, names: list[str], split: str, device: str, truth: st
     log.info("%s; out-of-fold UF1 %.4f UAR %.4f ACC %.2f%% (in-sample: weights and biases were tuned "
              "on these predictions)", msg, ens["oof"]["uf1"], ens["oof"]["uar"],
              100 * ens["oof"]["acc"])
-    return predict_and_submit(cfg, [str(r) for r in runs], split, device, truth, archive_files, ensemble=ens,
-                              cache=cache, root=root)
+    return predict_and_submit(cfg, [str(r) for r in runs], split, device, truth=truth, archive_files=archive_files,
+                              ensemble=ens, cache=cache, root=root)
 

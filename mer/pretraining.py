@@ -64,7 +64,7 @@ def masked_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, hidden_
     return (err * where).sum() / where.sum().clamp_min(1)
 
 
-def pretrain_fold(clips, cfg: dict, meta: dict, out: Path, device: str, fold: int, progress: bool = True,
+def pretrain_fold(clips, cfg: dict, meta: dict, out: Path, device: str, fold: int, *, progress: bool = True,
                   threads: int = 0) -> Path:
     """Pretrain an encoder on `clips` (labels unused); returns the path of encoder.pt."""
     from .config import save_config

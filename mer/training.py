@@ -523,7 +523,7 @@ def _epoch(st: Setup, cfg: dict, device: str, rng: np.random.Generator, amp: boo
 
 
 def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, meta: dict,
-              out: Path, device: str, progress: bool = True, threads: int = 0,
+              out: Path, device: str, *, progress: bool = True, threads: int = 0,
               extra: ClipData | None = None, init: Path | None = None) -> dict:
     """Train one model on every fold but `fold` (plus the `extra` clips, declared extra training
     data: training side only; from the pretrained encoder `init` if given); write its checkpoint,
