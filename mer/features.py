@@ -250,7 +250,8 @@ class HeadMotion:
 
 class RoiPooler:
     """Per step, the (R, C) features: per ROI the mean (u, v) and magnitude of its top-k% largest
-    flow vectors after removing the head's motion, and the mean of its top-k% strain values.
+    flow vectors after removing the head's motion, and the mean of its top-k% strain values;
+    `last_motion`: the step's total ROI motion (sum of |mean (u, v)|), for the apex choice.
 
     Only the ROIs' pixels are touched: the head's motion is evaluated there, and strain (the
     magnitude of the strain tensor of the head-free flow, blind to rigid translation) on each box
@@ -282,9 +283,11 @@ class RoiPooler:
         mag = np.hypot(u, v)
         top = np.concatenate([s + np.argpartition(mag[s:e], (e - s) - k)[-k:]
                               for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
+        mean_u, mean_v = np.add.reduceat(u[top], self.starts) / self.k, np.add.reduceat(v[top], self.starts) / self.k
+        self.last_motion = float(np.hypot(mean_u, mean_v).sum())  # the step's total ROI motion, whatever is cached
         pooled = {
-            "u": lambda: np.add.reduceat(u[top], self.starts) / self.k,
-            "v": lambda: np.add.reduceat(v[top], self.starts) / self.k,
+            "u": lambda: mean_u,
+            "v": lambda: mean_v,
             "mag": lambda: np.add.reduceat(mag[top], self.starts) / self.k,
             "strain": lambda: self._top_strain(flow, motion),
         }

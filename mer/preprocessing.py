@@ -283,7 +283,6 @@ class Extractor:
         track = Track(ref)
         reanchor = p["reanchor_px"] * fsize / p["crop_size"]
         rec["reanchors"] = 0
-        uv = [self.channels.index(c) for c in ("u", "v") if c in self.channels]
         blink_free = p["apex_frame"] == "blink_free"
         for i, t in zip(pos, times):
             img = small if i == ref_pos else read(i, factor)
@@ -298,7 +297,7 @@ class Extractor:
             track.head.append(np.array([track.offset[0] + g[0], track.offset[1] + g[1], head.summary[2]]))
             if frames.numbers[i] == clip.apex:  # the annotated apex on the grid: no second decode
                 track.apex_flow = self._head_free(flow, head)
-            motion = float(np.hypot(*f[:, uv].T).sum()) if len(uv) == 2 else float(np.abs(f).sum())
+            motion = pool.last_motion  # |(u, v)| summed over the ROIs: the apex does not depend on the channels kept
             track.motion.append((motion, i, track.offset))
             if motion > track.best[0]:  # keep the raw flow; the head-free field only for the last best
                 track.best = (motion, frames.numbers[i], (flow.copy(), head))

@@ -556,6 +556,17 @@ def test_channels_are_found_by_name_in_preprocessing_inspect_and_training(synth_
     from mer.training import load_clips
 
     assert load_clips(cdir, "train", channels=["strain"]).features[0].shape[-1] == 1
+    # the same values as the default channels' mag and strain, and the same max-motion apex frame
+    from mer.features import motion_magnitude
+
+    full = run(root, work_config(tmp_path / "full", **{"preprocess.apex_frame": "max_motion"}))
+    for f in (cdir / "train" / "clips").glob("*.npz"):
+        a, b = C.load_clip(f), C.load_clip(full / "train" / "clips" / f.name)
+        np.testing.assert_allclose(a["features"], b["features"][..., 2:4], rtol=1e-5, atol=1e-6)
+        assert int(a["apex_motion_frame"]) == int(b["apex_motion_frame"])
+        shown, what = motion_magnitude(a["features"], ["mag", "strain"])  # what inspect and explain plot
+        np.testing.assert_array_equal(shown, a["features"][..., 0])
+        assert "mag" in what
 
 
 def test_workers_started_with_spawn_cache_the_same_clips_as_forked_ones(synth_root, tmp_path, monkeypatch):
