@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .flow import strain_magnitude
 
 # iBUG-68 (0-based) left/right mirror permutation: landmark i of a mirrored face is MIRROR_68[i].
 MIRROR_68 = np.array(
@@ -267,6 +268,7 @@ class RoiPooler:
         self.seg = np.concatenate([[0], np.cumsum([len(i) for i in self.idx])])
         self.k = np.array([max(1, int(round(top_frac * len(i)))) for i in self.idx])
         self.starts = np.concatenate([[0], np.cumsum(self.k)[:-1]])
+        self.neighbours = self._neighbours()  # for strain at the ROI pixels
         self.channels = tuple(channels)
         unknown = set(self.channels) - set(CHANNELS)
         if unknown:
@@ -304,9 +306,7 @@ class RoiPooler:
     def _top_strain(self, flow: np.ndarray, motion: Motion | None) -> np.ndarray:
         """Mean of each ROI's top-k strain values, differentiated at the ROI pixels only; the head's
         affine part (its Jacobian at each ROI's centre) is subtracted from the derivatives."""
-        if not hasattr(self, "_nb"):
-            self._nb = self._neighbours()
-        left, right, dx, up, down, dy = self._nb
+        left, right, dx, up, down, dy = self.neighbours
         u, v = flow[..., 0].ravel(), flow[..., 1].ravel()
         du_dx, dv_dx = (u[right] - u[left]) / dx, (v[right] - v[left]) / dx
         du_dy, dv_dy = (u[down] - u[up]) / dy, (v[down] - v[up]) / dy
@@ -314,7 +314,7 @@ class RoiPooler:
             centres = [((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2) for x0, y0, x1, y1 in self.boxes]
             jac = np.repeat(np.stack([motion.jacobian(cx, cy) for cx, cy in centres]), np.diff(self.seg), axis=0)
             du_dx, du_dy, dv_dx, dv_dy = du_dx - jac[:, 0, 0], du_dy - jac[:, 0, 1], dv_dx - jac[:, 1, 0], dv_dy - jac[:, 1, 1]
-        strain = np.sqrt(du_dx ** 2 + dv_dy ** 2 + 0.5 * (du_dy + dv_dx) ** 2)
+        strain = strain_magnitude(du_dx, du_dy, dv_dx, dv_dy)
         return np.array([np.partition(strain[s:e], (e - s) - k)[-k:].mean()
                          for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
 

@@ -49,8 +49,13 @@ def optical_strain(flow: np.ndarray, lin: np.ndarray | None = None) -> np.ndarra
     dv_dy, dv_dx = np.gradient(v)
     if lin is not None:
         du_dx, du_dy, dv_dx, dv_dy = du_dx - lin[0, 0], du_dy - lin[0, 1], dv_dx - lin[1, 0], dv_dy - lin[1, 1]
+    return strain_magnitude(du_dx, du_dy, dv_dx, dv_dy).astype(np.float32)
+
+
+def strain_magnitude(du_dx: np.ndarray, du_dy: np.ndarray, dv_dx: np.ndarray, dv_dy: np.ndarray) -> np.ndarray:
+    """Magnitude of the infinitesimal strain tensor from the flow's four derivatives."""
     shear = 0.5 * (du_dy + dv_dx)
-    return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2 * shear ** 2).astype(np.float32)
+    return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2 * shear ** 2)
 
 
 def flow_to_rgb(flow: np.ndarray, max_mag: float | None = None) -> np.ndarray:
