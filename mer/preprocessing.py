@@ -417,6 +417,10 @@ def _run_one(job: tuple[Clip, str]) -> tuple[str, str, str]:
     return clip.split, clip.sample, str(arrays["status"])
 
 
+def _job_name(job: tuple[Clip, str]) -> str:
+    return f"{job[0].split}/{job[0].sample}"
+
+
 def _cached_since(path: Path, t0: float) -> bool:
     """Whether this run wrote the clip's cache file already (a worker may die after saving a clip
     and before saying so: the clip is then done, not lost)."""
@@ -478,7 +482,7 @@ def preprocess(ds: Dataset, cfg: dict, splits: list[str], cdir: Path, *, workers
                 workers = fit
         if workers > 1:
             for job, result in run_jobs(_run_one, todo, workers, _init_worker, (cfg, device),
-                                        start_method(cfg, device)):
+                                        start_method(cfg, device), describe=_job_name):
                 if isinstance(result, Lost) and not _cached_since(Path(job[1]), t0):
                     clip, path = job  # the worker died on this clip: record it, retried next run
                     C.save_clip(Path(path), {"status": np.asarray("failed"), "reason": np.asarray(result.reason),

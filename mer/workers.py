@@ -140,6 +140,7 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int, initia
                         raise RuntimeError(f"a worker failed on {describe(w.job)}:\n{value}")
                     if kind == "ack":
                         w.acked = True
+                        log.debug("worker %d started %s", w.proc.pid, describe(w.job))
                     else:
                         done, answer = True, value
                 if done:

@@ -1,10 +1,13 @@
 """Preprocessing on generated clips: motion where and when the generator put it, robustness, cache."""
 
 import os
+import queue
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -415,34 +418,44 @@ def test_run_jobs_reports_a_worker_that_cannot_start_and_answers_of_none():
     assert dict(run_jobs(_nothing, [1, 2, 3], 2)) == {1: None, 2: None, 3: None}
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the workers")
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 def test_a_worker_killed_mid_run_costs_only_its_clip_and_a_rerun_retries_it(synth_root, tmp_path):
     names = _names(synth_root, "train.xlsx", 8)
     root = _small_copy(synth_root, tmp_path / "D", {"train": names})
     cmd = [sys.executable, str(ROOT / "preprocess.py"), "--root", str(root), "--workers", "2",
            "--set", f"preprocess.cache_dir={tmp_path / 'c'}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline, victim = time.time() + 120, None
-    while time.time() < deadline and victim is None:
-        done = len(list((tmp_path / "c").glob("*/*/train/clips/*.npz")))
-        workers = _children(proc.pid)
-        if done >= 1 and len(workers) == 2:
-            victim = workers[0]
+    # -v: the parent logs "worker <pid> started <clip>" once the worker has taken the clip; killing
+    # that pid right then hits it mid-clip (not between saving a clip and saying so, which is no loss)
+    proc = subprocess.Popen(cmd + ["-v"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, started = [], queue.Queue()
+
+    def read_stderr():
+        for line in proc.stderr:
+            lines.append(line)
+            hit = re.search(r"worker (\d+) started train/(\S+)", line)
+            if hit:
+                started.put(int(hit.group(1)))
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    victim, seen = None, 0
+    while victim is None:
+        try:
+            pid = started.get(timeout=120)
+        except queue.Empty:
+            break
+        seen += 1
+        if seen == 3:  # one clip in: past the workers' start-up
+            victim = pid
             os.kill(victim, signal.SIGKILL)  # as the out-of-memory killer would
-        time.sleep(0.02)
     assert victim is not None, "the workers never showed up"
     try:
-        _, err = proc.communicate(timeout=180)  # must end, not hang
+        proc.wait(timeout=180)  # must end, not hang
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError("preprocess.py hung after a worker was killed")
+    reader.join(10)
+    err = "".join(lines)
     assert proc.returncode == 0, err
     cdir = next((tmp_path / "c").glob("*/*"))
     m = C.read_manifest(cdir, "train")
