@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .metrics import scores
+from .metrics import scores, uf1
 from .predicting import check_split_table, log_fallbacks, predict_run, run_info
 from .report import ensemble_oof, read_oof
 from . import submission as S
@@ -68,7 +68,7 @@ def combine(probs: list[np.ndarray], weights: np.ndarray, biases: np.ndarray | N
 
 
 def _uf1(y: np.ndarray, logp: np.ndarray) -> float:
-    return scores(y, logp.argmax(1), logp.shape[1])["uf1"]
+    return uf1(y, logp.argmax(1), logp.shape[1])
 
 
 def search_weights(probs: list[np.ndarray], y: np.ndarray, step: float = 0.1) -> tuple[np.ndarray, float]:

@@ -27,7 +27,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-__all__ = ["scores", "confusion", "format_scores"]
+__all__ = ["scores", "uf1", "confusion", "format_scores"]
 
 
 def _check(y_true, y_pred, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +56,17 @@ def _check(y_true, y_pred, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{name}[{i}] = {a[i]} is outside [0, {n_classes}) "
                              f"({bad.size} value(s) out of range)")
     return t, p
+
+
+def uf1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """UF1 alone, as `scores` defines it, without validation or sklearn's overhead: for the
+    searches (ensemble weights, class biases) that score thousands of candidates."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm)
+    denom = cm.sum(0) + cm.sum(1)  # 2 TP + FP + FN
+    present = denom > 0
+    return float(np.mean(2 * tp[present] / denom[present]))
 
 
 def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:

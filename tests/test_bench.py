@@ -6,7 +6,7 @@ from mer import bench
 
 
 def test_preprocess_benchmark_reports_every_figure(synth_root, capsys):
-    bench.main(["preprocess", "--data", str(synth_root), "--frames", "400x300:png", "--limit", "3", "--reference-clips", "16"])
+    bench.main(["preprocess", "--data", str(synth_root), "--frames", "400x300:png", "--limit", "2", "--reference-clips", "8"])
     out = capsys.readouterr().out
     per, dec, flow = (float(x) for x in re.search(
         r"CPU per frame read +([\d.]+) ms; decode +([\d.]+) ms \+ one flow call +([\d.]+) ms", out).groups())

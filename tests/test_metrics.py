@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from mer.metrics import confusion, format_scores, scores
+from mer.metrics import confusion, format_scores, scores, uf1
 
 
 def _by_definition(y, p, k):
@@ -30,13 +30,14 @@ def test_agrees_with_the_formulas_counted_by_hand_on_random_data(seed):
     n = int(rng.integers(1, 60))
     y = rng.integers(0, k, n)
     p = np.where(rng.random(n) < 0.4, y, rng.integers(0, k, n))
-    uf1, uar, acc = _by_definition(y.tolist(), p.tolist(), k)
+    uf1_hand, uar, acc = _by_definition(y.tolist(), p.tolist(), k)
     s = scores(y, p, n_classes=k)
-    assert s["uf1"] == pytest.approx(uf1, abs=1e-12)
+    assert s["uf1"] == pytest.approx(uf1_hand, abs=1e-12)
     assert s["uar"] == pytest.approx(uar, abs=1e-12)
     assert s["acc"] == pytest.approx(acc, abs=1e-12)
     assert s["n"] == n
     assert confusion(y, p, k).sum() == n
+    assert uf1(y, p, k) == pytest.approx(uf1_hand, abs=1e-12)  # the searches' fast UF1 agrees
 
 
 def test_agrees_with_scikit_learn_where_classes_are_missing():
