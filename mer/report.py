@@ -141,8 +141,10 @@ def write_report(run_dir: str | Path) -> dict:
     per_au = au_scores(oof, _run_setting(run_dir, "train", "au_keep_sides", False))
     by_db = per_database(ens, ens_pred, k)
     extra = info.get("extra") or []
+    protocol = _run_setting(run_dir, "train", "protocol", "kfold")
     summary = {
-        "model": info.get("model"), "complete": complete, "folds": n_folds, "seeds": [int(s) for s in seeds],
+        "model": info.get("model"), "complete": complete, "protocol": protocol, "folds": n_folds,
+        "seeds": [int(s) for s in seeds],
         "n_clips": int(len(ens)),
         "ensemble": {m: float(ens_scores[m]) for m in ("uf1", "uar", "acc")},
         "per_seed": {s: {m: float(v[m]) for m in ("uf1", "uar", "acc")} for s, v in per_seed.items()},
@@ -152,7 +154,9 @@ def write_report(run_dir: str | Path) -> dict:
     }
     write_text_atomic(run_dir / "report.json", json.dumps(summary, indent=1))
     lines = [f"# Run {run_dir.name}", "",
-             f"Model `{info.get('model')}`, {n_folds} subject-independent folds, seeds {summary['seeds']}"
+             f"Model `{info.get('model')}`, "
+             + (f"leave-one-subject-out ({n_folds} folds)" if protocol == "loso" else
+                f"{n_folds} subject-independent folds") + f", seeds {summary['seeds']}"
              + ("" if complete else " (INCOMPLETE: some folds have not finished)") + ".",
              "Scores over all out-of-fold predictions concatenated (not averaged per fold).", "",
              "| predictions | UF1 | UAR | ACC |", "|---|---|---|---|"]

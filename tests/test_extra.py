@@ -19,16 +19,22 @@ from mer.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def megc_root(tmp_path_factory):
-    """MEGC/CASME2 (two subjects, one folder per clip) and MEGC/CASME3 (one subject, two MEs in one
-    recording), built from a second generated set (frames linked, not copied)."""
+def second_set(tmp_path_factory):
+    """(frames root, table) of a second generated set: three subjects, four clips each."""
     from mer.synth import generate
 
-    base = tmp_path_factory.mktemp("megc")
-    gen = base / "gen"
+    gen = tmp_path_factory.mktemp("second") / "gen"
     rows = generate(gen, small_config(subjects=3, clips_per_subject=4, split_subjects=(3, 0, 0), seed=23),
                     workers=2)
-    rows = rows[rows["Split"] == "train"].reset_index(drop=True)
+    return gen, rows[rows["Split"] == "train"].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def megc_root(second_set, tmp_path_factory):
+    """MEGC/CASME2 (two subjects, one folder per clip) and MEGC/CASME3 (one subject, two MEs in one
+    recording), built from the second generated set (frames linked, not copied)."""
+    gen, rows = second_set
+    base = tmp_path_factory.mktemp("megc")
     subjects = sorted(rows["Subject"].unique())
     root = base / "MEGC"
     c2 = rows[rows["Subject"].isin(subjects[:2])].reset_index(drop=True)
@@ -165,3 +171,68 @@ def test_extra_data_must_match_the_run_settings_and_exist(synth_cache, megc_root
     assert class_mapping(["sadness", "others"], ["negative", "positive", "surprise"], {})["sadness"] == "negative"
     with pytest.raises(UserError, match="maps 'others' to 'bored'"):
         class_mapping(["others"], dfme, {"others": "bored"})
+
+
+@pytest.fixture(scope="module")
+def released_roots(second_set, tmp_path_factory):
+    """A SAMM tree (title block above the columns, `006/006_1_2/006_05562.jpg`) and a CAS(ME)^3
+    tree (`spNO.1/a/color/<n>.png`, every subject's MEs in one recording), three subjects each,
+    from the second generated set (frames linked, not copied)."""
+    gen, rows = second_set
+    base = tmp_path_factory.mktemp("released")
+    subjects = sorted(rows["Subject"].unique())
+    samm, casme3 = base / "SAMM", base / "CASME3"
+    samm_rows, casme3_rows = [], []
+    for s, subject in enumerate(subjects):
+        start = 0
+        for k, r in enumerate(rows[rows["Subject"] == subject].itertuples()):
+            frames = sorted((gen / "train_data" / r.Filename).glob("*.png"))
+            sid, name, first = 6 + s, f"{6 + s:03d}_1_{k + 1}", 1000 + 300 * k
+            for n, f in enumerate(frames):
+                (samm / f"{sid:03d}" / name).mkdir(parents=True, exist_ok=True)
+                (samm / f"{sid:03d}" / name / f"{sid:03d}_{first + n:05d}.jpg").symlink_to(f)
+                (casme3 / f"spNO.{s + 1}" / "a" / "color").mkdir(parents=True, exist_ok=True)
+                (casme3 / f"spNO.{s + 1}" / "a" / "color" / f"{start + n}.png").symlink_to(f)
+            emotion = r.Emotion.capitalize() if r.Emotion in ("anger", "contempt", "happiness", "surprise") else "Other"
+            samm_rows.append([sid, name, 1, first + r.OnsetFrame - 1, first + r.ApexFrame - 1,
+                              first + r.OffsetFrame - 1, r.OffsetFrame - r.OnsetFrame + 1, "Micro - 1/2", r.AU,
+                              None, emotion])
+            casme3_rows.append((f"spNO.{s + 1}", "a", start + r.OnsetFrame - 1, start + r.ApexFrame - 1,
+                                start + r.OffsetFrame - 1, r.AU, "I",
+                                "others" if r.Emotion == "contempt" else r.Emotion))  # no contempt in CAS(ME)^3
+            start += len(frames) + 5
+    columns = ["Subject", "Filename", "Inducement Code", "Onset Frame", "Apex Frame", "Offset Frame", "Duration",
+               "Type", "Action Units", "Notes", "Estimated Emotion"]
+    block = [["SAMM: Spontaneous Micro-Facial Movement Dataset"] + [None] * 10] + [[None] * 11] * 3
+    pd.DataFrame(block + [columns] + samm_rows).to_excel(samm / "SAMM_Micro_FACS_Codes_v2.xlsx", index=False,
+                                                         header=False)
+    pd.DataFrame(casme3_rows, columns=["Subject", "Filename", "Onset", "Apex", "Offset", "AU", "Objective class",
+                                       "emotion"]).to_excel(casme3 / "casme3_part_A.xlsx", index=False)
+    return {"samm": samm, "casme3": casme3}
+
+
+@pytest.mark.parametrize("database, protocol, name", [("samm", "all", "samm-all"),
+                                                      ("casme3", "7class", "casme3-7class")])
+def test_one_released_database_through_the_scripts_leave_one_subject_out(released_roots, tmp_path, database,
+                                                                         protocol, name):
+    root = released_roots[database]
+    sets = [a for k in (f"preprocess.cache_dir={tmp_path / 'cache'}", f"train.run_dir={tmp_path / 'runs'}",
+                        f"data.protocol={protocol}", "train.protocol=loso", "train.epochs=2", "train.min_steps=4",
+                        "model.sequence.depth=1", "model.sequence.dim=32", "model.sequence.heads=4")
+            for a in ("--set", k)]
+    seen = subprocess.run([sys.executable, "-m", "mer.data", "--root", str(root), *sets], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert seen.returncode == 0, seen.stderr
+    assert f"{name} at {root}: 12 clips" in seen.stdout and "train: 12 clips, 3 subjects" in seen.stdout
+    pre = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--root", str(root), "--workers", "2", *sets],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert pre.returncode == 0, pre.stderr
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "--root", str(root), "--fold", "all",
+                            "--seeds", "0", "--name", database, *sets], cwd=ROOT, capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    run_dir = tmp_path / "runs" / database
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"sample": str})
+    assert len(folds) == 12 and folds["fold"].nunique() == folds["subject"].nunique() == 3  # one subject per fold
+    rep = json.loads((run_dir / "report.json").read_text())
+    assert rep["complete"] and rep["n_clips"] == 12 and rep["folds"] == 3 and rep["protocol"] == "loso"
+    assert "leave-one-subject-out (3 folds)" in (run_dir / "report.md").read_text()
