@@ -702,17 +702,38 @@ def check_aus(t: pd.DataFrame) -> list[Issue]:
     return issues
 
 
+SEVERITY = ("warn", "skip", "fatal")
+
+
+def one_line_per_row(issues: list[Issue]) -> list[Issue]:
+    """The issues of each row merged into one (the most severe level, the messages joined), in
+    the order rows first appear: a user reads one line per row that says everything done to it."""
+    merged: dict[tuple[str, str], Issue] = {}
+    for i in issues:
+        key = (i.split, i.sample) if i.sample else (i.split, f"#{len(merged)}")  # split-wide: never merged
+        if key not in merged:
+            merged[key] = Issue(i.level, i.split, i.sample, i.message)
+            continue
+        m = merged[key]
+        if SEVERITY.index(i.level) > SEVERITY.index(m.level):
+            m.level = i.level
+        if i.message not in m.message.split("; "):
+            m.message = f"{m.message}; {i.message}"
+    return list(merged.values())
+
+
 def resolve_issues(ds: Dataset, splits: Iterable[str] | None = None) -> Dataset:
-    """Log every issue as one line; stop on fatal ones; drop skipped train rows.
+    """Log the issues, one line per row; stop on fatal ones; drop skipped train rows.
 
     A test row without frames is fatal: every test row must get a prediction."""
     splits = list(splits) if splits is not None else ds.splits
     keep = ds.table["split"].isin(splits)
     relevant = [i for i in ds.issues if any(s in splits for s in i.split.split(","))]
-    fatal = []
     for issue in relevant:
         if issue.level == "missing":
             issue.level = "fatal" if issue.split in TEST_SPLITS else "skip"
+    fatal = []
+    for issue in one_line_per_row(relevant):
         (fatal.append(issue) if issue.level == "fatal" else log.warning("%s", issue))
     if fatal:
         for issue in fatal:

@@ -37,7 +37,7 @@ CASME3_ROWS = [  # Subject, Filename, Onset, Apex, Offset, AU, Objective class, 
     ("spNO.1", "e", 130, 133, 140, "4+L10", "III", "disgust"),
     ("spNO.1", "h", 5, 9, 15, "2+1", "II", "surprise"),
     ("spNO.2", "e", 10, 14, 20, "T28+14", "VII", "anger"),  # recording 'e' of another subject
-    ("spNO.2", "g", 30, 36, 0, "14", "VII", "others"),      # offset 0
+    ("spNO.2", "g", 30, 36, 0, "14+soft focus", "VII", "others"),  # offset 0, an AU token nobody reads
     ("spNO.2", "g", 50, 47, 60, "B23", "VII", "sad"),       # apex before the onset
     ("spNO.3", "a", 3, 90, 12, "12", "II", "happy"),        # apex after the offset, past the frames present
     ("spNO.3", "b", 2, 4, 8, "R1+R2", "II", "fear"),
@@ -70,6 +70,8 @@ def test_casme3_as_released_loads_every_row(tmp_path):
     assert code == 0, err
     assert "casme3-7class" in out and "9 clips from 9 table rows (0 not used" in out
     assert len([line for line in err.splitlines() if "[warn]" in line]) == 3
+    [line] = [line for line in err.splitlines() if "spNO.2_g_30" in line]  # two problems, one line
+    assert "offset 0 is not after onset 30" in line and "'soft focus' not understood" in line
     ds = load(root)
     t = ds.table.set_index("sample")
     assert list(ds.table["sample"]) == ["spNO.1_e_62", "spNO.1_e_96", "spNO.1_e_130", "spNO.1_h_5", "spNO.2_e_10",
