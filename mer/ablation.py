@@ -63,6 +63,8 @@ ROWS: tuple[Row, ...] = (
     Row("flow_size_256", "flow computed on a 256 px crop", ("preprocess.flow_size=256",)),
     Row("dis_fast", "DIS preset fast", ("preprocess.dis_preset=fast",)),
     Row("dis_ultrafast", "DIS preset ultrafast", ("preprocess.dis_preset=ultrafast",)),
+    Row("flow_blur_0.6", "crops blurred (sigma 0.6 px) before the flow: the same low-pass at any face size",
+        ("preprocess.flow_blur=0.6",)),
     Row("head_nose", "head motion: nose-ridge translation (the reference method)", ("preprocess.head_motion=nose",)),
     Row("top_frac_0.1", "ROI feature: mean of the top 10% vectors", ("preprocess.top_frac=0.1",)),
     Row("top_frac_0.5", "ROI feature: mean of the top 50% vectors", ("preprocess.top_frac=0.5",)),

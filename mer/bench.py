@@ -119,7 +119,7 @@ def _floors(ex, clip, res: dict, cfg: dict) -> tuple[float, float]:
     p = cfg["preprocess"]
     frames = FolderFrames.of(clip.frames_dir)
     first = frames.read(0)
-    crop = Cropper(res["crop_matrix"], p["flow_size"], first.shape)
+    crop = Cropper(res["crop_matrix"], p["flow_size"], first.shape, blur=p.get("flow_blur", 0.0))
     wanted = set(int(n) for n in res["frame_numbers"])
     t0 = time.process_time()
     imgs = [frames.read(i, crop.factor) for i, n in enumerate(frames.numbers) if int(n) in wanted]

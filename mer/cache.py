@@ -31,6 +31,7 @@ MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "rea
 
 
 NOT_IN_KEY = {"cache_dir", "fan_worker_mb"}  # preprocess settings that say where or how fast, not what
+OFF_NOT_IN_KEY = {"flow_blur"}  # settings added later: off, they leave the key (and older caches) as it was
 
 
 def feature_settings(cfg: dict) -> dict:
@@ -38,7 +39,8 @@ def feature_settings(cfg: dict) -> dict:
     ROIs resolved, and the code's feature version): caches with equal ones can be mixed."""
     from .features import roi_specs
 
-    settings = {k: v for k, v in cfg["preprocess"].items() if k not in NOT_IN_KEY}
+    settings = {k: v for k, v in cfg["preprocess"].items()
+                if k not in NOT_IN_KEY and not (k in OFF_NOT_IN_KEY and not v)}
     settings["rois"] = roi_specs(settings["rois"])  # 'default' resolved: its definition counts
     return {"preprocess": settings, "version": FEATURE_VERSION}
 

@@ -187,8 +187,9 @@ class Cropper:
     reduction, with proper low-pass filtering (JPEG: decoded at that size by its DCT scaling; other
     formats: area averaging of the region the crop reads), then warped by the small remainder."""
 
-    def __init__(self, m: np.ndarray, size: int, shape: tuple[int, int], margin: float = 0.0):
+    def __init__(self, m: np.ndarray, size: int, shape: tuple[int, int], margin: float = 0.0, blur: float = 0.0):
         self.m, self.size, self.shape, self.margin = np.asarray(m, np.float64), int(size), shape[:2], float(margin)
+        self.blur = float(blur)  # Gaussian sigma (crop px) applied to every crop: the same low-pass whatever the path
         self.scale = float(np.sqrt(abs(np.linalg.det(self.m[:, :2]))))  # crop px per frame px
         self.factor = min(int(2 ** np.floor(np.log2(1.0 / self.scale))), 8) if self.scale <= 0.5 else 1
         self._region = (None, None)
@@ -228,10 +229,10 @@ class Cropper:
         elif f > 1:
             x0, y0, x1, y1 = self.region(offset)
             small = cv2.resize(img[y0:y1, x0:x1], ((x1 - x0) // f, (y1 - y0) // f), interpolation=cv2.INTER_AREA)
-            return cv2.warpAffine(small, self._reduced_matrix(f, x0, y0, offset), (self.size, self.size),
-                                  flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            img, m = small, self._reduced_matrix(f, x0, y0, offset)
         else:
             m = self._reduced_matrix(1, 0, 0, offset)
-        return cv2.warpAffine(img, m, (self.size, self.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        out = cv2.warpAffine(img, m, (self.size, self.size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        return cv2.GaussianBlur(out, (0, 0), self.blur) if self.blur > 0 else out
 
 

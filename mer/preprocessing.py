@@ -255,7 +255,7 @@ class Extractor:
         eye_dist = float(np.hypot(*(crop_lm[42] - crop_lm[39])))
         return Face(m, landmarks, layout, 100.0 / eye_dist, status, reason,
                     HeadMotion(p["head_motion"], crop_lm, layout.nose, fsize),
-                    Cropper(m, fsize, ref_img.shape, margin=0.1 * fsize), ref_img.shape)
+                    Cropper(m, fsize, ref_img.shape, margin=0.1 * fsize, blur=p.get("flow_blur", 0.0)), ref_img.shape)
 
     def _flow_at(self, ref: np.ndarray, img: np.ndarray, face: "Face", offset: np.ndarray) -> tuple[np.ndarray, Motion]:
         """Flow from the reference crop to this frame's crop, and the head's motion in it."""
