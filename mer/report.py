@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import stable_hash
 from .files import atomic, write_text_atomic
 from .metrics import confusion, format_scores, scores
 
@@ -94,23 +95,38 @@ def _run_setting(run_dir: Path, section: str, key: str, default):
     return (cfg.get(section) or {}).get(key, default)
 
 
+def _results_fingerprint(run_dir: Path) -> str:
+    """What a report is made of: every model's out-of-fold file, by name, size and time."""
+    files = sorted(run_dir.glob("fold*/seed*/oof.csv"))
+    return stable_hash([[str(f.relative_to(run_dir)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
 def write_report_locked(run_dir: str | Path) -> dict:
-    """write_report under an exclusive lock on the run folder: processes training folds of one run
-    (--fold k on several GPUs or nodes) write it one after another, each reading the results saved
-    before it took the lock, so the last to finish always writes the complete report."""
+    """write_report under an exclusive lock on the run folder, and only when results were saved
+    since the last report: processes training folds of one run (--fold k on several GPUs or nodes)
+    each take the lock in turn and read every result saved before it, so the complete report is
+    written once, by whichever process finishes last."""
+    run_dir = Path(run_dir)
     try:
         import fcntl
     except ImportError:  # not POSIX: unlocked (each write is still atomic)
         return write_report(run_dir)
-    with open(Path(run_dir) / ".report.lock", "a+") as lock:
+    with open(run_dir / ".report.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return write_report(run_dir)
+            inputs = _results_fingerprint(run_dir)
+            try:
+                last = json.loads((run_dir / "report.json").read_text())
+            except (OSError, ValueError):
+                last = {}
+            if last.get("inputs") == inputs:
+                return last  # another process already reported exactly these results
+            return write_report(run_dir, inputs=inputs)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def write_report(run_dir: str | Path) -> dict:
+def write_report(run_dir: str | Path, *, inputs: str | None = None) -> dict:
     """Write report.json, report.md, per_class.csv, oof_ensemble.csv, confusion.png and
     learning_curves.png into the run folder; return the summary."""
     run_dir = Path(run_dir)
@@ -151,6 +167,7 @@ def write_report(run_dir: str | Path) -> dict:
         "per_database": by_db,
         "per_au": per_au,
         "extra": extra,
+        "inputs": inputs,  # fingerprint of the results reported (write_report_locked)
     }
     write_text_atomic(run_dir / "report.json", json.dumps(summary, indent=1))
     lines = [f"# Run {run_dir.name}", "",

@@ -159,24 +159,33 @@ def test_jobs_on_a_gpu_follow_its_free_memory(monkeypatch, caplog):
     assert "holds about" not in caplog.text
 
 
-def test_processes_of_one_run_write_its_report_one_after_another(trained_runs):
+def test_processes_of_one_run_write_its_report_one_after_another_and_once(trained_runs, tmp_path):
     """The report is written under a lock on the run folder: a process that finishes while another
-    writes waits, then reads every result saved so far (the last to finish writes it whole)."""
+    writes waits, then reads every result saved so far (the last to finish writes it whole); a
+    process with nothing new to report leaves it as it is."""
     import fcntl
+    import os
+    import shutil
     import threading
     import time
 
     from mer.report import write_report_locked
 
     _, runs = trained_runs
-    run = runs["sequence"]
+    run = tmp_path / "run"
+    shutil.copytree(runs["sequence"], run)
+    write_report_locked(run)
     before = (run / "report.json").stat().st_mtime_ns
+    write_report_locked(run)  # no new result: not written again
+    assert (run / "report.json").stat().st_mtime_ns == before
     with open(run / ".report.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         writer = threading.Thread(target=write_report_locked, args=(run,))
         writer.start()
         time.sleep(1.0)
         assert writer.is_alive() and (run / "report.json").stat().st_mtime_ns == before  # waits for the lock
+        oof = run / "fold1" / "seed0" / "oof.csv"  # a fold finishes meanwhile
+        os.utime(oof, ns=(oof.stat().st_atime_ns, oof.stat().st_mtime_ns + 10**9))
         fcntl.flock(held, fcntl.LOCK_UN)
     writer.join(timeout=60)
     assert not writer.is_alive() and (run / "report.json").stat().st_mtime_ns > before
