@@ -541,30 +541,16 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
     amp = bool(tcfg.get("amp", False))
     save_config(cfg, out / "config.yaml", fold=fold, seed=seed, cache=meta["cache"])
     st = _setup(clips, folds, fold, seed, cfg, meta, device, extra, init)
-    ckpt, history, start, best = out / "last.pt", [], 0, (-1.0, None)
-    if ckpt.is_file():
-        state = load_checkpoint(ckpt)  # on the CPU: optimiser step counters must stay there
-        st.model.load_state_dict(state["model"])
-        st.opt.load_state_dict(state["opt"])
-        st.sched.load_state_dict(state["sched"])
-        history, start, best = state["history"], state["epoch"] + 1, state["best"]
-        log.info("fold %d seed %d: resuming after epoch %d", fold, seed, start)
-
-    tta = cfg.get("predict", {}).get("tta", "none")
+    ckpt = out / "last.pt"
+    history, start, best = _resume(st, ckpt, fold, seed)
     n_classes = len(meta["classes"])
     bar = tqdm(range(start, st.epochs), desc=f"fold {fold} seed {seed}", unit="ep", file=sys.stderr,
                initial=start, total=st.epochs, dynamic_ncols=True, disable=not progress)
     for epoch in bar:
         row = {"epoch": epoch + 1, **_epoch(st, cfg, device, _seed_everything(seed, fold, epoch), amp)}
-        if len(st.oof_set):  # diagnostics only: never used to choose a checkpoint
-            pred = predict_logits(st.model, st.oof_set, st.norm, device).argmax(1)
-            s = scores(st.oof_set.labels, pred, n_classes)
-            row.update(heldout_uf1=s["uf1"], heldout_uar=s["uar"], heldout_acc=s["acc"])
-        if st.select_set is not None:
-            pred = predict_logits(st.model, st.select_set, st.norm, device).argmax(1)
-            row["select_uf1"] = scores(st.select_set.labels, pred, n_classes)["uf1"]
-            if row["select_uf1"] > best[0]:
-                best = (row["select_uf1"], {k: v.detach().cpu().clone() for k, v in st.model.state_dict().items()})
+        row.update(_diagnostics(st, device, n_classes))
+        if "select_uf1" in row and row["select_uf1"] > best[0]:
+            best = (row["select_uf1"], {k: v.detach().cpu().clone() for k, v in st.model.state_dict().items()})
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", uf1=f"{row.get('heldout_uf1', float('nan')):.3f}")
         save_atomic({"model": st.model.state_dict(), "opt": st.opt.state_dict(), "sched": st.sched.state_dict(),
@@ -574,22 +560,61 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
     if st.select_set is not None and best[1] is not None:
         st.model.load_state_dict(best[1])
     pd.DataFrame(history).to_csv(out / "metrics.csv", index=False)
+    _save_model(st, clips, fold, seed, cfg, meta, out / "model.pt")
+    result = _score_held_out(st, fold, seed, cfg, device, n_classes, out / "oof.csv")
+    write_text_atomic(done, json.dumps(result, indent=1))
+    ckpt.unlink(missing_ok=True)  # last: a crash before this point resumes, never loses the run
+    return result
+
+
+def _resume(st: Setup, ckpt: Path, fold: int, seed: int) -> tuple[list[dict], int, tuple]:
+    """(history, first epoch to run, best selection so far) from an interrupted run's checkpoint,
+    its model, optimiser and schedule restored; a fresh start without one."""
+    if not ckpt.is_file():
+        return [], 0, (-1.0, None)
+    state = load_checkpoint(ckpt)  # on the CPU: optimiser step counters must stay there
+    st.model.load_state_dict(state["model"])
+    st.opt.load_state_dict(state["opt"])
+    st.sched.load_state_dict(state["sched"])
+    log.info("fold %d seed %d: resuming after epoch %d", fold, seed, state["epoch"] + 1)
+    return state["history"], state["epoch"] + 1, state["best"]
+
+
+def _diagnostics(st: Setup, device: str, n_classes: int) -> dict:
+    """This epoch's scores on the held-out fold (diagnostics only: never used to choose a
+    checkpoint) and on the inner selection split (train.select: inner_val)."""
+    row = {}
+    if len(st.oof_set):
+        s = scores(st.oof_set.labels, predict_logits(st.model, st.oof_set, st.norm, device).argmax(1), n_classes)
+        row.update(heldout_uf1=s["uf1"], heldout_uar=s["uar"], heldout_acc=s["acc"])
+    if st.select_set is not None:
+        pred = predict_logits(st.model, st.select_set, st.norm, device).argmax(1)
+        row["select_uf1"] = scores(st.select_set.labels, pred, n_classes)["uf1"]
+    return row
+
+
+def _save_model(st: Setup, clips: ClipData, fold: int, seed: int, cfg: dict, meta: dict, path: Path) -> None:
+    """The trained model with everything prediction needs to rebuild and feed it."""
     save_atomic({"model": st.model.state_dict(), "model_name": cfg["model"]["name"],
                  "model_settings": cfg["model"][cfg["model"]["name"]], "n_rois": clips.features[0].shape[1],
                  "n_channels": clips.features[0].shape[2], "channels": list(meta["channels"]),
                  "rois": meta["rois"], "classes": meta["classes"], "norm_scale": st.norm.scale, "fold": fold,
                  "seed": seed, "apex_source": cfg["model"]["apex_source"], "au_vocab": st.au_vocab,
-                 "blink": cfg["model"].get("blink", "none"), "config_hash": stable_hash(cfg)}, out / "model.pt")
+                 "blink": cfg["model"].get("blink", "none"), "config_hash": stable_hash(cfg)}, path)
+
+
+def _score_held_out(st: Setup, fold: int, seed: int, cfg: dict, device: str, n_classes: int, path: Path) -> dict:
+    """Out-of-fold logits written to `path` (test-time mirroring as predict.tta says); the result
+    record with the fold's scores."""
+    tta = cfg.get("predict", {}).get("tta", "none")
     heads = predict_heads(st.model, st.oof_set, st.norm, device, tta=tta, mirror_with=st.mirror_with,
                           au_perm=st.au_perm)
-    write_oof(out / "oof.csv", st.oof_set, fold, seed, heads, n_classes, st.au_vocab)
+    write_oof(path, st.oof_set, fold, seed, heads, n_classes, st.au_vocab)
     result = {"fold": fold, "seed": seed, "n_train": len(st.train_set), "n_extra": st.n_extra,
               "n_oof": len(st.oof_set), "epochs": st.epochs, "tta": tta}
     if len(st.oof_set):
         s = scores(st.oof_set.labels, heads["emotion"].argmax(1), n_classes)
         result.update(uf1=s["uf1"], uar=s["uar"], acc=s["acc"])
-    write_text_atomic(done, json.dumps(result, indent=1))
-    ckpt.unlink(missing_ok=True)  # last: a crash before this point resumes, never loses the run
     return result
 
 
