@@ -175,14 +175,15 @@ def test_extra_data_must_match_the_run_settings_and_exist(synth_cache, megc_root
 
 @pytest.fixture(scope="module")
 def released_roots(second_set, tmp_path_factory):
-    """A SAMM tree (title block above the columns, `006/006_1_2/006_05562.jpg`) and a CAS(ME)^3
-    tree (`spNO.1/a/color/<n>.png`, every subject's MEs in one recording), three subjects each,
-    from the second generated set (frames linked, not copied)."""
+    """A SAMM tree (title block above the columns, `006/006_1_2/006_05562.jpg`), a CAS(ME)^3
+    tree (`spNO.1/a/color/<n>.png`, every subject's MEs in one recording) and a CASME II tree
+    (`sub01/EP01_01/img<n>.jpg`), three subjects each, from the second generated set (frames
+    linked, not copied)."""
     gen, rows = second_set
     base = tmp_path_factory.mktemp("released")
     subjects = sorted(rows["Subject"].unique())
-    samm, casme3 = base / "SAMM", base / "CASME3"
-    samm_rows, casme3_rows = [], []
+    samm, casme3, casme2 = base / "SAMM", base / "CASME3", base / "CASME2"
+    samm_rows, casme3_rows, casme2_rows = [], [], []
     for s, subject in enumerate(subjects):
         start = 0
         for k, r in enumerate(rows[rows["Subject"] == subject].itertuples()):
@@ -193,6 +194,8 @@ def released_roots(second_set, tmp_path_factory):
                 (samm / f"{sid:03d}" / name / f"{sid:03d}_{first + n:05d}.jpg").symlink_to(f)
                 (casme3 / f"spNO.{s + 1}" / "a" / "color").mkdir(parents=True, exist_ok=True)
                 (casme3 / f"spNO.{s + 1}" / "a" / "color" / f"{start + n}.png").symlink_to(f)
+                (casme2 / f"sub{s + 1:02d}" / f"EP{k + 1:02d}_01").mkdir(parents=True, exist_ok=True)
+                (casme2 / f"sub{s + 1:02d}" / f"EP{k + 1:02d}_01" / f"img{first + n}.jpg").symlink_to(f)
             emotion = r.Emotion.capitalize() if r.Emotion in ("anger", "contempt", "happiness", "surprise") else "Other"
             samm_rows.append([sid, name, 1, first + r.OnsetFrame - 1, first + r.ApexFrame - 1,
                               first + r.OffsetFrame - 1, r.OffsetFrame - r.OnsetFrame + 1, "Micro - 1/2", r.AU,
@@ -200,7 +203,13 @@ def released_roots(second_set, tmp_path_factory):
             casme3_rows.append((f"spNO.{s + 1}", "a", start + r.OnsetFrame - 1, start + r.ApexFrame - 1,
                                 start + r.OffsetFrame - 1, r.AU, "I",
                                 "others" if r.Emotion == "contempt" else r.Emotion))  # no contempt in CAS(ME)^3
+            casme2_rows.append((s + 1, f"EP{k + 1:02d}_01", first + r.OnsetFrame - 1, first + r.ApexFrame - 1,
+                                first + r.OffsetFrame - 1, r.AU,
+                                r.Emotion if r.Emotion in ("disgust", "happiness", "surprise") else "others"))
             start += len(frames) + 5
+    pd.DataFrame(casme2_rows, columns=["Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame",
+                                       "Action Units", "Estimated Emotion"]).to_excel(casme2 / "CASME2-coding.xlsx",
+                                                                                      index=False)
     columns = ["Subject", "Filename", "Inducement Code", "Onset Frame", "Apex Frame", "Offset Frame", "Duration",
                "Type", "Action Units", "Notes", "Estimated Emotion"]
     block = [["SAMM: Spontaneous Micro-Facial Movement Dataset"] + [None] * 10] + [[None] * 11] * 3
@@ -208,11 +217,12 @@ def released_roots(second_set, tmp_path_factory):
                                                          header=False)
     pd.DataFrame(casme3_rows, columns=["Subject", "Filename", "Onset", "Apex", "Offset", "AU", "Objective class",
                                        "emotion"]).to_excel(casme3 / "casme3_part_A.xlsx", index=False)
-    return {"samm": samm, "casme3": casme3}
+    return {"samm": samm, "casme3": casme3, "casme2": casme2}
 
 
 @pytest.mark.parametrize("database, protocol, name", [("samm", "all", "samm-all"),
-                                                      ("casme3", "7class", "casme3-7class")])
+                                                      ("casme3", "7class", "casme3-7class"),
+                                                      ("casme2", "5class", "casme2-5class")])
 def test_one_released_database_through_the_scripts_leave_one_subject_out(released_roots, tmp_path, database,
                                                                          protocol, name):
     root = released_roots[database]
