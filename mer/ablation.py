@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import cache as C
 from .config import load_config, save_config
 from .data import SCHEMA, Dataset
-from .metrics import scores
+from .metrics import scores, uf1
 
 log = logging.getLogger("mer.ablation")
 
@@ -391,16 +391,6 @@ def seed_probs(run_dir: Path, samples: list[str], n_seeds: int | None = None) ->
     return np.stack(out)
 
 
-def _uf1(y: np.ndarray, pred: np.ndarray, k: int) -> float:
-    """Macro F1 over the classes in truth or predictions (= mer.metrics.scores' UF1), from one
-    bincount: the bootstrap calls it hundreds of thousands of times."""
-    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-    tp = np.diag(cm)
-    denom = cm.sum(0) + cm.sum(1)
-    present = denom > 0
-    return float(np.mean(2 * tp[present] / denom[present]))
-
-
 def combine_nested(probs: list[np.ndarray], y: np.ndarray, folds: np.ndarray, weights: str, bias: bool) -> np.ndarray:
     """Log-probabilities of combined runs, each fold's weights and biases chosen on the other folds
     only (so the score stays out of fold)."""
@@ -437,7 +427,7 @@ def bootstrap_diff(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, k: int
     pa, pb = np.atleast_2d(pred_a), np.atleast_2d(pred_b)
 
     def diff(idx):
-        return (np.mean([_uf1(y[idx], p[idx], k) for p in pa]) - np.mean([_uf1(y[idx], p[idx], k) for p in pb]))
+        return (np.mean([uf1(y[idx], p[idx], k) for p in pa]) - np.mean([uf1(y[idx], p[idx], k) for p in pb]))
 
     rng = np.random.default_rng(seed)
     boots = [diff(rng.integers(0, len(y), len(y))) for _ in range(n_boot)]
@@ -450,7 +440,7 @@ def bootstrap_ci(y: np.ndarray, pred: np.ndarray, k: int, n_boot: int = 2000, se
     (UF1 averaged over the S rows)."""
     p = np.atleast_2d(pred)
     rng = np.random.default_rng(seed)
-    boots = [np.mean([_uf1(y[i], q[i], k) for q in p]) for i in (rng.integers(0, len(y), len(y))
+    boots = [np.mean([uf1(y[i], q[i], k) for q in p]) for i in (rng.integers(0, len(y), len(y))
                                                                  for _ in range(n_boot))]
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return float(lo), float(hi)
@@ -481,7 +471,7 @@ def score_rows(rows: list[Row], runs: dict[str, Path], n_boot: int = 2000,
     final = {r.name: per_seed[r.name] if r.seeds else preds[r.name].mean(0).argmax(1)[None] for r in rows}
     lines = []
     for r in rows:
-        s_uf1 = [_uf1(y, p, k) for p in per_seed[r.name]]
+        s_uf1 = [uf1(y, p, k) for p in per_seed[r.name]]
         s_uar = [scores(y, p, k)["uar"] for p in per_seed[r.name]]
         f = [scores(y, p, k) for p in final[r.name]]
         line = dict(row=r.name, what=r.what, seeds=len(s_uf1), uf1_mean=np.mean(s_uf1), uf1_std=np.std(s_uf1),
@@ -491,7 +481,7 @@ def score_rows(rows: list[Row], runs: dict[str, Path], n_boot: int = 2000,
         if blinks:
             has = np.array([blinks.get(x, False) for x in samples])
             for key, sel in (("uf1_blink", has), ("uf1_no_blink", ~has)):
-                line[key] = np.mean([_uf1(y[sel], q[sel], k) for q in final[r.name]]) if sel.any() else np.nan
+                line[key] = np.mean([uf1(y[sel], q[sel], k) for q in final[r.name]]) if sel.any() else np.nan
         if r.name != DEFAULT_ROW:
             line["baseline"] = r.baseline
             line["d_uf1"], line["d_lo"], line["d_hi"] = bootstrap_diff(y, final[r.name], final[r.baseline], k, n_boot)
@@ -522,7 +512,7 @@ def au_ceiling(table: pd.DataFrame, folds_df: pd.DataFrame) -> float:
     for f in np.unique(folds):
         clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=3000).fit(x[folds != f], y[folds != f])
         pred[folds == f] = clf.predict(x[folds == f])
-    return _uf1(y, pred, int(max(y.max(), pred.max())) + 1)
+    return uf1(y, pred, int(max(y.max(), pred.max())) + 1)
 
 
 def to_markdown(table: pd.DataFrame, header: str) -> str:

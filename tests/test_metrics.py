@@ -136,3 +136,12 @@ def test_validation_errors(y, p, k, match):
 def test_class_names_length_checked():
     with pytest.raises(ValueError, match="class_names"):
         scores([0, 1], [0, 1], n_classes=3, class_names=["a", "b"])
+
+
+def test_fast_uf1_equals_scores_also_where_classes_are_missing():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n, k = int(rng.integers(1, 40)), 7
+        y = rng.integers(0, rng.integers(1, k + 1), n)
+        p = rng.integers(0, rng.integers(1, k + 1), n)
+        assert uf1(y, p, k) == pytest.approx(scores(y, p, k)["uf1"], abs=1e-12)
