@@ -169,7 +169,6 @@ def write_report(run_dir: str | Path, *, inputs: str | None = None) -> dict:
         "extra": extra,
         "inputs": inputs,  # fingerprint of the results reported (write_report_locked)
     }
-    write_text_atomic(run_dir / "report.json", json.dumps(summary, indent=1))
     lines = [f"# Run {run_dir.name}", "",
              f"Model `{info.get('model')}`, "
              + (f"leave-one-subject-out ({n_folds} folds)" if protocol == "loso" else
@@ -202,6 +201,8 @@ def write_report(run_dir: str | Path, *, inputs: str | None = None) -> dict:
     _plot_confusion(confusion(ens["label"].astype(int), ens_pred, k), classes, run_dir / "confusion.png",
                     f"{run_dir.name}: out-of-fold, seed ensemble\n{format_scores(ens_scores)}")
     _plot_curves(run_dir)
+    # last: report.json (with the fingerprint of its inputs) says the whole report was written
+    write_text_atomic(run_dir / "report.json", json.dumps(summary, indent=1))
     log.info("%s: out-of-fold %s%s", run_dir, format_scores(ens_scores), "" if complete else " (incomplete run)")
     return summary
 
