@@ -342,3 +342,24 @@ def motion_magnitude(features: np.ndarray, channels: list[str]) -> tuple[np.ndar
     if "mag" in channels:
         return features[..., channels.index("mag")], "ROI motion magnitude (% of inner-eye distance)"
     return np.abs(features).sum(-1), f"sum of |{', '.join(channels) or 'channels'}|"
+
+
+def spot_apex_score(uv: np.ndarray, times: np.ndarray, window_ms: float) -> np.ndarray:
+    """(T,) how far each step's ROI motion stands out from the mean of the steps `window_ms` before
+    and after it, summed over the ROIs: the feature difference of micro-expression spotting
+    (Moilanen et al., ICPR 2014). An expression rises and falls within a few hundred ms; residual
+    head drift changes slowly and cancels, so the apex, not the clip's end, scores highest. Near
+    either end the window shrinks to what the clip holds on both sides (a one-sided comparison
+    would let the drift back in). uv: (T, R, 2) motion from the reference frame; times: (T,) ms,
+    increasing."""
+    uv = np.asarray(uv, np.float64)
+    times = np.asarray(times, np.float64)
+    if uv.ndim != 3 or uv.shape[-1] != 2 or len(uv) != len(times):
+        raise ValueError(f"uv must be (T, R, 2) with T = len(times), got {uv.shape} and {times.shape}")
+    if window_ms <= 0:
+        raise ValueError(f"preprocess.apex_spot_ms must be > 0, got {window_ms}")
+    last = len(times) - 1
+    w = np.minimum(window_ms, np.minimum(times - times[0], times[-1] - times))
+    before = np.clip(np.searchsorted(times, times - w - 1e-6), 0, last)
+    after = np.clip(np.searchsorted(times, times + w - 1e-6), 0, last)
+    return np.linalg.norm(uv - (uv[before] + uv[after]) / 2, axis=-1).sum(axis=1)

@@ -19,16 +19,19 @@ from tqdm import tqdm
 
 from . import cache as C
 from .errors import UserError
-from .blinks import blink_score, eyelid_rois
+from .blinks import blink_score, eyelid_rois, suppress_blinks
 from .data import TEST_SPLITS, Dataset, table_fingerprint
 from .face import Cropper, Detection, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
-from .features import HeadMotion, Motion, RoiPooler, grid_frames, motion_magnitude, roi_boxes, roi_specs
+from .features import (HeadMotion, Motion, RoiPooler, grid_frames, motion_magnitude, roi_boxes, roi_specs,
+                       spot_apex_score)
 from .flow import make_flow, optical_strain
 from .frames import FolderFrames, FrameSource
 from .devices import jobs_that_fit
 from .workers import Lost, run_jobs
 
 log = logging.getLogger("mer.preprocess")
+
+APEX_FRAMES = ("spotted", "blink_free", "max_motion")  # preprocess.apex_frame
 
 
 class ClipError(Exception):
@@ -101,13 +104,17 @@ class Extractor:
         self.specs = roi_specs(p["rois"])
         self.channels = tuple(p["channels"])
         self._flow = make_flow(p["flow"], p["dis_preset"])
-        if p["apex_frame"] not in ("max_motion", "blink_free"):
-            raise ValueError(f"preprocess.apex_frame must be max_motion or blink_free, got '{p['apex_frame']}'")
-        if p["apex_frame"] == "blink_free" and ("v" not in self.channels or len(eyelid_rois(self.specs)) < 2):
-            log.warning("preprocess.apex_frame=blink_free finds blinks in the v channel of the two lower-eyelid "
-                        "ROIs, which these settings lack (preprocess.channels, preprocess.rois): the onset-apex "
-                        "map uses the max-motion frame (set preprocess.apex_frame=max_motion to say so)")
+        if p["apex_frame"] not in APEX_FRAMES:
+            raise ValueError(f"preprocess.apex_frame must be one of {', '.join(APEX_FRAMES)}, got '{p['apex_frame']}'")
+        blinks_seen = "v" in self.channels and len(eyelid_rois(self.specs)) >= 2
+        where = "which these settings lack (preprocess.channels, preprocess.rois)"
+        if p["apex_frame"] == "spotted" and not {"u", "v"} <= set(self.channels):
+            log.warning(f"preprocess.apex_frame=spotted spots the apex in the u and v channels, {where}: the "
+                        "onset-apex map uses the max-motion frame (set preprocess.apex_frame=max_motion to say so)")
             self.cfg = {**self.cfg, "preprocess": {**p, "apex_frame": "max_motion"}}
+        elif p["apex_frame"] != "max_motion" and not blinks_seen:
+            log.warning(f"preprocess.apex_frame={p['apex_frame']} finds blinks in the v channel of the two "
+                        f"lower-eyelid ROIs, {where}: blink steps are not excluded from the onset-apex frame")
 
     @property
     def landmarker(self):
@@ -283,7 +290,6 @@ class Extractor:
         track = Track(ref)
         reanchor = p["reanchor_px"] * fsize / p["crop_size"]
         rec["reanchors"] = 0
-        blink_free = p["apex_frame"] == "blink_free"
         for i, t in zip(pos, times):
             img = small if i == ref_pos else read(i, factor)
             if img is None:
@@ -306,32 +312,43 @@ class Extractor:
                 rec["reanchors"] += 1
         if len(track.feats) < 2:
             raise ClipError("fewer than 2 readable frames on the time grid")
-        if blink_free:
-            self._blink_free_apex(track, frames, read, face, factor)
+        if self.cfg["preprocess"]["apex_frame"] != "max_motion":
+            self._choose_apex(track, frames, read, face, factor)
         flow, head = track.best[2]
         track.best = (track.best[0], track.best[1], self._head_free(flow, head))
         return track
 
-    def _blink_free_apex(self, track: "Track", frames: FrameSource, read, face: "Face", factor: int,
-                         margin_ms: float = 40.0) -> None:
-        """The onset-apex frame among steps at least `margin_ms` away from any blink step (the lid
-        starts moving before the eyelid ROIs pass the blink threshold); that frame's flow is
-        computed again if it is not the max-motion one. Without a blink-free step: unchanged."""
-        score = blink_score(np.stack(track.feats) * face.unit, self.specs, list(self.channels))
+    def _choose_apex(self, track: "Track", frames: FrameSource, read, face: "Face", factor: int,
+                     margin_ms: float = 40.0) -> None:
+        """The onset-apex frame by preprocess.apex_frame: `blink_free` the largest total ROI motion
+        among steps at least `margin_ms` from any blink step (the lid starts moving before the
+        eyelid ROIs pass the blink threshold); `spotted` the step that stands out most from the
+        steps `apex_spot_ms` before and after it (features.spot_apex_score, on features with the
+        blinks interpolated away: a blink next to a step must not make it stand out), blink steps
+        excluded the same way. That frame's flow is computed again if it is not the max-motion one. Without
+        a blink-free step the blinks are not excluded."""
+        p = self.cfg["preprocess"]
+        feats = np.stack(track.feats) * face.unit
         t = np.asarray(track.times)
+        if p["apex_frame"] == "spotted":
+            clean = suppress_blinks(feats, self.specs, list(self.channels), "interp")  # no blink in the comparison
+            uv = clean[..., [self.channels.index("u"), self.channels.index("v")]]
+            score = spot_apex_score(uv, t, p["apex_spot_ms"])
+        else:
+            score = np.array([m for m, _, _ in track.motion])
+        blinks = blink_score(feats, self.specs, list(self.channels))
         near = np.zeros(len(t), bool)
-        for ms in t[score > 0]:
+        for ms in t[blinks > 0]:
             near |= np.abs(t - ms) <= margin_ms
-        if not near.any() or near.all():
-            return
-        motion = np.array([m for m, _, _ in track.motion])
-        k = int(np.argmax(np.where(near, -np.inf, motion)))
-        _, i, offset = track.motion[k]
+        if near.any() and not near.all():
+            score = np.where(near, -np.inf, score)
+        k = int(np.argmax(score))
+        motion, i, offset = track.motion[k]
         if frames.numbers[i] == track.best[1]:
             return
         img = read(i, factor)
         if img is not None:
-            track.best = (float(motion[k]), frames.numbers[i], self._flow_at(track.ref, img, face, offset))
+            track.best = (float(motion), frames.numbers[i], self._flow_at(track.ref, img, face, offset))
 
     def _outputs(self, clip: Clip, frames: FrameSource, read, ref_img: np.ndarray, face: "Face",
                  track: "Track") -> dict:

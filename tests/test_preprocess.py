@@ -548,20 +548,51 @@ def test_blink_free_apex_skips_the_blink_that_max_motion_picks(tmp_path, caplog)
                          head_motion=0.3)
     t, closure = truth["times_ms"], truth["blink"]
     frames, apex = {}, {}
-    for mode in ("max_motion", "blink_free"):
+    for mode in ("max_motion", "blink_free", "spotted"):
         res = Extractor(work_config(tmp_path, **{"preprocess.apex_frame": mode})).process(clip)
         apex[mode] = int(res["apex_motion_frame"])
         frames[mode] = res["times_ms"][list(res["frame_numbers"]).index(apex[mode])]
     def closed(ms):
         return np.interp(ms, t, closure) > 0.05
     assert closed(frames["max_motion"])  # the lid's motion dwarfs the smile
-    assert not closed(frames["blink_free"])
     lo, hi = peak_window(truth, 12)
-    assert lo - 40 <= frames["blink_free"] <= hi + 40  # the smile's peak instead
+    for mode in ("blink_free", "spotted"):
+        assert not closed(frames[mode]), mode
+        assert lo - 40 <= frames[mode] <= hi + 40, mode  # the smile's peak instead
     with caplog.at_level("WARNING", logger="mer"):  # without v the blinks cannot be seen: said, max-motion used
         ex = Extractor(work_config(tmp_path, **{"preprocess.apex_frame": "blink_free", "preprocess.channels": "[mag]"}))
     assert "apex_frame=blink_free finds blinks in the v channel" in caplog.text
     assert ex.process(clip)["apex_motion_frame"] == apex["max_motion"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mer"):  # spotting needs u and v: said, max-motion used
+        ex = Extractor(work_config(tmp_path, **{"preprocess.apex_frame": "spotted", "preprocess.channels": "[mag]"}))
+    assert "apex_frame=spotted spots the apex in the u and v channels" in caplog.text
+    assert ex.process(clip)["apex_motion_frame"] == apex["max_motion"]
+    with pytest.raises(ValueError, match="apex_frame must be one of spotted, blink_free, max_motion"):
+        Extractor(work_config(tmp_path, **{"preprocess.apex_frame": "apex"}))
+
+
+def test_spotting_finds_the_expression_under_a_larger_head_drift():
+    """Flow from the first frame accumulates slow drift: by the clip's end it outweighs a
+    micro-expression that rose and fell in the middle. The largest motion is then the end; the
+    spotted apex is the expression's peak, whatever the drift's size."""
+    from mer.features import spot_apex_score
+
+    t = np.arange(0.0, 1000.0, 10.0)
+    rng = np.random.default_rng(0)
+    for drift in (0.5, 2.0, 5.0):
+        uv = np.zeros((len(t), 18, 2))
+        uv[..., 0] = drift * t[:, None] / t[-1]  # slow drift, the same in every ROI
+        bump = np.exp(-0.5 * ((t - 420.0) / 60.0) ** 2)
+        uv[:, 14, 1] -= 1.0 * bump  # one AU, one ROI
+        uv += rng.normal(0, 0.02, uv.shape)
+        assert np.argmax(np.linalg.norm(uv, axis=-1).sum(1)) >= len(t) - 5  # max motion: the end
+        k = int(np.argmax(spot_apex_score(uv, t, 200.0)))
+        assert 380 <= t[k] <= 460, (drift, t[k])
+    with pytest.raises(ValueError, match="apex_spot_ms must be > 0"):
+        spot_apex_score(uv, t, 0.0)
+    with pytest.raises(ValueError, match=r"uv must be \(T, R, 2\)"):
+        spot_apex_score(uv[..., 0], t, 200.0)
 
 
 def test_channels_are_found_by_name_in_preprocessing_inspect_and_training(synth_root, tmp_path):
