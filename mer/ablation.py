@@ -89,9 +89,9 @@ ROWS: tuple[Row, ...] = (
     Row("blink_gate", "brow and eyelid ROIs scaled by 1 - blink score", ("model.blink=gate",)),
     Row("blink_interp", "brow and eyelid ROIs interpolated across blink steps", ("model.blink=interp",)),
     Row("apex_blink_free", "onset-apex baseline on the blink-free max-motion frame",
-        ("model.name=apex_cnn", "preprocess.apex_frame=blink_free"), baseline="apex_cnn"),
+        ("model.name=apex_cnn", "model.apex_source=blink_free"), baseline="apex_cnn"),
     Row("apex_max_motion", "onset-apex baseline on the max-motion frame, blinks or not",
-        ("model.name=apex_cnn", "preprocess.apex_frame=max_motion"), baseline="apex_cnn"),
+        ("model.name=apex_cnn", "model.apex_source=max_motion"), baseline="apex_cnn"),
     Row("head_homography", "head motion: first-order homography (turns and nods) instead of a similarity",
         ("preprocess.head_motion=homography",)),
     Row("pretrain", "masked ROI-motion pretraining per fold (training side only), then fine-tuning",
@@ -133,7 +133,13 @@ class Bench:
         return self.root_of(self.synth)
 
     def root_of(self, synth) -> Path:
-        return self.work / f"DFME_{synth.difficulty}_{synth.subjects}s_{synth.seed}"
+        """The generated set's folder, named by every generator setting and the generator's version:
+        caches made from another set (other settings, older generator code) are never reused."""
+        from .config import stable_hash
+        from .synth import GENERATOR_VERSION, config_dict
+
+        tag = stable_hash({"generator": GENERATOR_VERSION, **config_dict(synth)}, 8)
+        return self.work / f"DFME_{synth.difficulty}_{synth.subjects}s_{synth.seed}_{tag}"
 
     @property
     def extra_synth(self):

@@ -23,7 +23,8 @@ from .config import stable_hash
 
 log = logging.getLogger("mer.cache")
 
-FEATURE_VERSION = 2  # bump when the preprocessing code changes what it computes (2: anti-aliased crop, IRLS head fit)
+FEATURE_VERSION = 3  # bump when the preprocessing code changes what it computes (2: anti-aliased crop, IRLS head
+                     # fit; 3: IRLS stopping rule, strain at box edges, every apex_frame choice's map)
 MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "reason", "fps",
                     "frames_total", "frames_read", "unreadable", "steps", "duration_ms",
                     "landmark_conf", "detect_frame", "faces", "head_motion", "reanchors", "apex_motion_frame",

@@ -87,6 +87,7 @@ class Track:
     motion: list = field(default_factory=list)  # (total ROI motion, position, crop offset) per step
     offset: np.ndarray = field(default_factory=lambda: np.zeros(2))
     apex_flow: np.ndarray | None = None
+    apexes: dict = field(default_factory=dict)  # apex_frame choice -> (frame number, head-free flow)
 
 
 @dataclass
@@ -111,7 +112,6 @@ class Extractor:
         if p["apex_frame"] == "spotted" and not {"u", "v"} <= set(self.channels):
             log.warning(f"preprocess.apex_frame=spotted spots the apex in the u and v channels, {where}: the "
                         "onset-apex map uses the max-motion frame (set preprocess.apex_frame=max_motion to say so)")
-            self.cfg = {**self.cfg, "preprocess": {**p, "apex_frame": "max_motion"}}
         elif p["apex_frame"] != "max_motion" and not blinks_seen:
             log.warning(f"preprocess.apex_frame={p['apex_frame']} finds blinks in the v channel of the two "
                         f"lower-eyelid ROIs, {where}: blink steps are not excluded from the onset-apex frame")
@@ -312,43 +312,55 @@ class Extractor:
                 rec["reanchors"] += 1
         if len(track.feats) < 2:
             raise ClipError("fewer than 2 readable frames on the time grid")
-        if self.cfg["preprocess"]["apex_frame"] != "max_motion":
-            self._choose_apex(track, frames, read, face, factor)
-        flow, head = track.best[2]
-        track.best = (track.best[0], track.best[1], self._head_free(flow, head))
+        self._apex_flows(track, frames, read, face, factor)
         return track
 
-    def _choose_apex(self, track: "Track", frames: FrameSource, read, face: "Face", factor: int,
-                     margin_ms: float = 40.0) -> None:
-        """The onset-apex frame by preprocess.apex_frame: `blink_free` the largest total ROI motion
-        among steps at least `margin_ms` from any blink step (the lid starts moving before the
-        eyelid ROIs pass the blink threshold); `spotted` the step that stands out most from the
-        steps `apex_spot_ms` before and after it (features.spot_apex_score, on features with the
-        blinks interpolated away: a blink next to a step must not make it stand out), blink steps
-        excluded the same way. That frame's flow is computed again if it is not the max-motion one. Without
-        a blink-free step the blinks are not excluded."""
+    def _apex_steps(self, track: "Track", face: "Face", margin_ms: float = 40.0) -> dict[str, int]:
+        """The step of every onset-apex frame choice (APEX_FRAMES): `max_motion` the largest total
+        ROI motion; `blink_free` the same among steps at least `margin_ms` from any blink step (the
+        lid starts moving before the eyelid ROIs pass the blink threshold); `spotted` the step that
+        stands out most from the steps `apex_spot_ms` before and after it (features.spot_apex_score,
+        on features with the blinks interpolated away, so that a blink next to a step does not make
+        it stand out), blink steps excluded the same way. Without a blink-free step, or without the
+        channels a choice needs, it falls back towards max_motion."""
         p = self.cfg["preprocess"]
         feats = np.stack(track.feats) * face.unit
         t = np.asarray(track.times)
-        if p["apex_frame"] == "spotted":
-            clean = suppress_blinks(feats, self.specs, list(self.channels), "interp")  # no blink in the comparison
-            uv = clean[..., [self.channels.index("u"), self.channels.index("v")]]
-            score = spot_apex_score(uv, t, p["apex_spot_ms"])
-        else:
-            score = np.array([m for m, _, _ in track.motion])
-        blinks = blink_score(feats, self.specs, list(self.channels))
+        motion = np.array([m for m, _, _ in track.motion])
         near = np.zeros(len(t), bool)
-        for ms in t[blinks > 0]:
+        for ms in t[blink_score(feats, self.specs, list(self.channels)) > 0]:
             near |= np.abs(t - ms) <= margin_ms
-        if near.any() and not near.all():
-            score = np.where(near, -np.inf, score)
-        k = int(np.argmax(score))
-        motion, i, offset = track.motion[k]
-        if frames.numbers[i] == track.best[1]:
-            return
-        img = read(i, factor)
-        if img is not None:
-            track.best = (float(motion), frames.numbers[i], self._flow_at(track.ref, img, face, offset))
+        exclude = near.any() and not near.all()
+
+        def pick(score: np.ndarray) -> int:
+            return int(np.argmax(np.where(near, -np.inf, score) if exclude else score))
+
+        steps = {"max_motion": int(np.argmax(motion)), "blink_free": pick(motion)}
+        if {"u", "v"} <= set(self.channels):
+            clean = suppress_blinks(feats, self.specs, list(self.channels), "interp")
+            uv = clean[..., [self.channels.index("u"), self.channels.index("v")]]
+            steps["spotted"] = pick(spot_apex_score(uv, t, p["apex_spot_ms"]))
+        else:
+            steps["spotted"] = steps["max_motion"]
+        return steps
+
+    def _apex_flows(self, track: "Track", frames: FrameSource, read, face: "Face", factor: int) -> None:
+        """Every choice's onset-apex frame and head-free flow (`track.apexes`, at most two flows
+        computed again: the max-motion one was kept), and preprocess.apex_frame's as `track.best`."""
+        steps = self._apex_steps(track, face)
+        top = steps["max_motion"]
+        flows = {top: self._head_free(*track.best[2])}
+        track.apexes = {}
+        for mode, k in steps.items():
+            if k not in flows:
+                _, i, offset = track.motion[k]
+                img = read(i, factor)
+                flows[k] = None if img is None else self._head_free(*self._flow_at(track.ref, img, face, offset))
+            if flows[k] is None:  # that frame became unreadable: the max-motion one
+                k = top
+            track.apexes[mode] = (int(frames.numbers[track.motion[k][1]]), flows[k])
+        number, flow = track.apexes[self.cfg["preprocess"]["apex_frame"]]
+        track.best = (track.best[0], number, flow)
 
     def _outputs(self, clip: Clip, frames: FrameSource, read, ref_img: np.ndarray, face: "Face",
                  track: "Track") -> dict:
@@ -368,6 +380,10 @@ class Extractor:
             "apex_map": self._apex_map(track.best[2], unit, p["apex_size"]),
             "apex_motion_frame": np.int64(track.best[1]),
         }
+        for mode, (number, flow) in track.apexes.items():  # every choice's frame; its map where it differs
+            out[f"apex_frame_{mode}"] = np.int64(number)
+            if number != track.best[1]:
+                out[f"apex_map_{mode}"] = self._apex_map(flow, unit, p["apex_size"])
         apex_annotated = -1
         if not np.isnan(clip.apex) and clip.apex >= track.numbers[0]:  # (not before the reference frame)
             flow = track.apex_flow

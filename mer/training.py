@@ -103,6 +103,22 @@ def channel_index(cached: list[str], wanted: list[str] | None) -> list[int]:
     return [cached.index(c) for c in wanted]
 
 
+APEX_SOURCES = ("motion", "spotted", "blink_free", "max_motion", "annotated")  # model.apex_source
+
+
+def apex_map_of(z, apex_source: str, path: Path) -> np.ndarray:
+    """A cached clip's onset-apex map for model.apex_source: `motion` (and `annotated`, whose table
+    apex is read apart) the map of preprocess.apex_frame; a frame choice's name, that choice's."""
+    if apex_source in ("motion", "annotated"):
+        return z["apex_map"]
+    if f"apex_map_{apex_source}" in z:
+        return z[f"apex_map_{apex_source}"]
+    if f"apex_frame_{apex_source}" in z:  # the same frame as apex_map's
+        return z["apex_map"]
+    raise UserError(f"{path} holds no '{apex_source}' apex map (a cache made before they were kept): "
+                    "run preprocess.py again")
+
+
 def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all: bool = False,
                channels: list[str] | None = None, blink: str = "none") -> ClipData:
     """Clips of a split with a usable cache entry (status ok or fallback), with the named feature
@@ -126,15 +142,15 @@ def load_clips(cdir: Path, split: str, apex_source: str = "motion", require_all:
         suppress_blinks(np.zeros((1, len(meta["rois"]), len(cached)), np.float32), meta["rois"], cached, blink)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if apex_source not in ("motion", "annotated"):
-        raise UserError(f"model.apex_source must be motion or annotated, got '{apex_source}'")
+    if apex_source not in APEX_SOURCES:
+        raise UserError(f"model.apex_source must be one of {', '.join(APEX_SOURCES)}, got '{apex_source}'")
     feats, times, apex, annotated = [], [], [], []
     for f in m["file"]:
         z = C.load_clip(cdir / f)
         x = suppress_blinks(z["features"], meta["rois"], cached, blink)
         feats.append(x[..., keep].astype(np.float32))
         times.append(z["times_ms"].astype(np.float32))
-        apex.append(z["apex_map"].astype(np.float32))
+        apex.append(apex_map_of(z, apex_source, cdir / f).astype(np.float32))
         if apex_source == "annotated":
             annotated.append(z["apex_map_annotated"].astype(np.float32) if "apex_map_annotated" in z else apex[-1])
     labels = pd.to_numeric(m["label"], errors="coerce").fillna(-1).astype(int).to_numpy()

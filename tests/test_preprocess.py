@@ -18,6 +18,7 @@ import pytest
 
 from conftest import ROOT, small_config, work_config
 from mer import cache as C
+from mer.errors import UserError
 from mer.features import DEFAULT_ROIS, mirror_permutation, grid_frames, roi_specs
 from mer.preprocessing import Clip, Extractor, run
 
@@ -547,11 +548,22 @@ def test_blink_free_apex_skips_the_blink_that_max_motion_picks(tmp_path, caplog)
     clip, truth = render(tmp_path, [12], blink_prob=1.0, blink_kinds=(1.0, 0.0, 0.0), amplitude_px=(1.0, 1.2),
                          head_motion=0.3)
     t, closure = truth["times_ms"], truth["blink"]
-    frames, apex = {}, {}
+    frames, apex, maps = {}, {}, {}
     for mode in ("max_motion", "blink_free", "spotted"):
         res = Extractor(work_config(tmp_path, **{"preprocess.apex_frame": mode})).process(clip)
         apex[mode] = int(res["apex_motion_frame"])
         frames[mode] = res["times_ms"][list(res["frame_numbers"]).index(apex[mode])]
+        maps[mode] = res["apex_map"]
+    # every clip keeps every choice's frame, and its map where it is not apex_map's: training picks one
+    for mode in ("max_motion", "blink_free"):
+        assert int(res[f"apex_frame_{mode}"]) == apex[mode]
+        np.testing.assert_array_equal(res[f"apex_map_{mode}"], maps[mode])
+    assert int(res["apex_frame_spotted"]) == apex["spotted"] and "apex_map_spotted" not in res
+    from mer.training import apex_map_of
+
+    np.testing.assert_array_equal(apex_map_of(res, "spotted", Path("c.npz")), res["apex_map"])
+    with pytest.raises(UserError, match="holds no 'spotted' apex map"):
+        apex_map_of({"apex_map": res["apex_map"]}, "spotted", Path("c.npz"))
     def closed(ms):
         return np.interp(ms, t, closure) > 0.05
     assert closed(frames["max_motion"])  # the lid's motion dwarfs the smile

@@ -151,6 +151,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+GENERATOR_VERSION = 2  # bump when the same settings render other clips (2: AU gains kept inside amplitude_px)
+
+
 def config_dict(config: SynthConfig) -> dict:
     """Plain-type dict of a config (for YAML)."""
     d = dataclasses.asdict(config)
