@@ -566,7 +566,7 @@ def _log_summary(manifests: dict[str, pd.DataFrame], done_files: set[str], secon
 
 
 def inspect_clip(ds: Dataset, cfg: dict, sample: str, out: Path, device: str = "cpu") -> Path:
-    """A PNG to check a clip by eye: the crop with landmarks and ROIs, the flow at peak motion,
+    """A PNG to check a clip by eye: the crop with landmarks and ROIs, the flow at the apex frame,
     and every ROI's motion over time."""
     import matplotlib
 
@@ -608,7 +608,8 @@ def inspect_clip(ds: Dataset, cfg: dict, sample: str, out: Path, device: str = "
     u, v = flow[yy, xx, 0] * scale, flow[yy, xx, 1] * scale
     gain = step / max(float(np.percentile(np.hypot(u, v), 99)), 1e-6)
     ax.quiver(xx, yy, u * gain, v * gain, color="white", angles="xy", scale_units="xy", scale=1, width=0.003)
-    ax.set_title(f"flow from frame 1 to peak motion (frame {int(res['apex_motion_frame'])}), arrows x{gain:.2g}",
+    ax.set_title(f"flow from frame 1 to the onset-apex frame ({cfg['preprocess']['apex_frame']}: frame "
+                 f"{int(res['apex_motion_frame'])}), arrows x{gain:.2g}",
                  fontsize=9)
     ax.axis("off")
     ax = axes[2]
