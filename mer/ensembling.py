@@ -163,6 +163,31 @@ def fit_ensemble(runs: list[Path], cfg: dict) -> dict:
     return result
 
 
+def oof_biases(runs: list[Path], cfg: dict) -> dict | None:
+    """predict.bias: per-class logit biases for the runs averaged with equal weights, tuned on their
+    out-of-fold predictions and used only if the same search, nested over the folds, gains (the
+    ablation row bias_nested). None when off, not gaining, or without out-of-fold predictions."""
+    mode = cfg.get("predict", {}).get("bias", "none")
+    if mode == "none":
+        return None
+    if mode != "nested":
+        raise UserError(f"predict.bias must be nested or none, got '{mode}'")
+    try:
+        info, _ = oof_table(runs)
+    except UserError as e:
+        log.warning("predict.bias=nested: %s; predicting without per-class biases", e)
+        return None
+    if info["fold"].nunique() < 2:
+        log.warning("predict.bias=nested needs out-of-fold predictions of 2 or more folds (train.py --fold all); "
+                    "predicting without per-class biases")
+        return None
+    ens = fit_ensemble(runs, {**cfg, "ensemble": {**cfg["ensemble"], "weights": "equal", "bias": "nested"}})
+    log.info("per-class biases (predict.bias=nested): out-of-fold UF1 %.4f -> %.4f with biases tuned on the other "
+             "folds: %s", ens["oof_uf1_no_bias"], ens["oof_uf1_nested_bias"],
+             "used" if ens["bias_used"] else "not used")
+    return ens if ens["bias_used"] else None
+
+
 # ----------------------------------------------------------------------------- submission
 
 def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: str, *, truth: str | None = None,
@@ -172,6 +197,9 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
     cache's own, or the one under `root`), validate, print the CSV on stdout and archive the files."""
     runs = resolve_runs(cfg, names)
     tta = cfg.get("predict", {}).get("tta", "none")
+    tag = ("ens-" if ensemble else "") + ("+".join(r.name for r in runs) if len(runs) <= 3 else f"{len(runs)}runs")
+    if ensemble is None:
+        ensemble = oof_biases(runs, cfg)
     results = [predict_run(r, split, device, cache, tta) for r in runs]
     clips = results[0][0]
     table = check_split_table(Path(results[0][2]["cache"]), split, clips, cfg, root)
@@ -200,8 +228,7 @@ def predict_and_submit(cfg: dict, names: list[str] | None, split: str, device: s
         log.info("scored against %s:\n%s", truth, S.describe_scores(scored, classes))
         prov["scores"] = {m: scored[m] for m in ("uf1", "uar", "acc", "n")}
     if archive_files:
-        tag = "+".join(r.name for r in runs) if len(runs) <= 3 else f"{len(runs)}runs"
-        folder = S.archive(sub, split, ("ens-" if ensemble else "") + tag, cfg["submission"]["out_dir"], prov, cfg)
+        folder = S.archive(sub, split, tag, cfg["submission"]["out_dir"], prov, cfg)
         log.info("submission archived in %s (upload %s)", folder, folder / "prediction.zip")
     sys.stdout.write(S.to_csv(sub))  # last: an error above leaves stdout empty
     sys.stdout.flush()

@@ -287,3 +287,43 @@ def test_annotated_apex_trains_but_out_of_fold_clips_are_scored_as_test_clips(sy
     tr, te = np.nonzero(folds != 0)[0], np.nonzero(folds == 0)[0]
     assert all(np.array_equal(a, clips.apex_annotated[i]) for a, i in zip(st.train_set.apex, tr))
     assert all(np.array_equal(a, clips.apex[i]) for a, i in zip(st.oof_set.apex, te))
+
+
+def test_predict_applies_per_class_biases_only_when_their_nested_gain_is_positive(trained_runs, tmp_path, caplog):
+    """predict.bias=nested (default): biases tuned on the run's out-of-fold predictions go into the
+    submission when the same search, nested over the folds, gains. Planted here: every out-of-fold
+    logit of class 0 lowered, so class 0 is never predicted out of fold and a bias restores it."""
+    from mer.ensembling import oof_biases, predict_and_submit
+
+    cfg, runs = trained_runs
+    run = tmp_path / "runs" / "seq"
+    shutil.copytree(runs["sequence"], run)
+    for f in run.glob("fold*/seed*/oof.csv"):
+        oof = pd.read_csv(f, dtype={"sample": str, "subject": str, "dataset": str})
+        oof["logit_0"] -= 4.0
+        oof.to_csv(f, index=False)
+    out = tmp_path / "subs"
+
+    def settings(bias):
+        return {**cfg, "train": {**cfg["train"], "run_dir": str(tmp_path / "runs")},
+                "predict": {**cfg["predict"], "bias": bias}, "submission": {**cfg["submission"], "out_dir": str(out)}}
+
+    ens = oof_biases([run], settings("nested"))
+    assert ens is not None and ens["bias_used"] and ens["bias_gain_nested"] > 0
+    assert ens["biases"][0] == max(ens["biases"]) and ens["biases"][0] > 0
+    for bias in ("nested", "none"):
+        with caplog.at_level("INFO", logger="mer"):
+            predict_and_submit(settings(bias), ["seq"], "test_A", "cpu")
+        prov = json.loads(sorted(out.glob("test_A-seq-*"))[-1].joinpath("provenance.json").read_text())
+        assert prov["biases"] == (ens["biases"] if bias == "nested" else None), bias
+    assert "per-class biases (predict.bias=nested)" in caplog.text
+    # one fold's predictions cannot be nested: said, and no biases
+    for f in run.glob("fold*/seed*/oof.csv"):
+        if not f.parts[-3] == "fold0":
+            f.unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mer"):
+        assert oof_biases([run], settings("nested")) is None
+    assert "needs out-of-fold predictions of 2 or more folds" in caplog.text
+    with pytest.raises(UserError, match="predict.bias must be nested or none"):
+        oof_biases([run], settings("always"))
