@@ -291,17 +291,27 @@ def test_annotated_apex_trains_but_out_of_fold_clips_are_scored_as_test_clips(sy
 
 def test_predict_applies_per_class_biases_only_when_their_nested_gain_is_positive(trained_runs, tmp_path, caplog):
     """predict.bias=nested (default): biases tuned on the run's out-of-fold predictions go into the
-    submission when the same search, nested over the folds, gains. Planted here: every out-of-fold
-    logit of class 0 lowered, so class 0 is never predicted out of fold and a bias restores it."""
+    submission when the same search, nested over the folds, gains. Planted here: out-of-fold
+    tables of 300 clips whose class-0 logits are all lowered (a bias every fold shares, which
+    the other folds can learn), in place of the tiny test run's own 28."""
     from mer.ensembling import oof_biases, predict_and_submit
 
     cfg, runs = trained_runs
     run = tmp_path / "runs" / "seq"
     shutil.copytree(runs["sequence"], run)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 7, 300)
+    logits = rng.normal(0, 1, (300, 7)) + 2.0 * np.eye(7)[y] - 1.2 * np.eye(7)[0]
     for f in run.glob("fold*/seed*/oof.csv"):
-        oof = pd.read_csv(f, dtype={"sample": str, "subject": str, "dataset": str})
-        oof["logit_0"] -= 4.0
-        oof.to_csv(f, index=False)
+        f.unlink()
+    for k in range(3):
+        idx = np.arange(300)[np.arange(300) % 3 == k]
+        t = pd.DataFrame({"sample": [f"c{i:03d}" for i in idx], "subject": [f"s{i % 30:02d}" for i in idx],
+                          "dataset": "dfme", "label": y[idx], "fold": k, "seed": 0})
+        for c in range(7):
+            t[f"logit_{c}"] = logits[idx, c]
+        (run / f"fold{k}" / "seed0").mkdir(parents=True, exist_ok=True)
+        t.to_csv(run / f"fold{k}" / "seed0" / "oof.csv", index=False)
     out = tmp_path / "subs"
 
     def settings(bias):
@@ -314,12 +324,19 @@ def test_predict_applies_per_class_biases_only_when_their_nested_gain_is_positiv
     for bias in ("nested", "none"):
         with caplog.at_level("INFO", logger="mer"):
             predict_and_submit(settings(bias), ["seq"], "test_A", "cpu")
-        prov = json.loads(sorted(out.glob("test_A-seq-*"))[-1].joinpath("provenance.json").read_text())
+        prov = json.loads(max(out.glob("test_A-seq-*"), key=lambda p: p.stat().st_mtime_ns)
+                          .joinpath("provenance.json").read_text())
         assert prov["biases"] == (ens["biases"] if bias == "nested" else None), bias
     assert "per-class biases (predict.bias=nested)" in caplog.text
+    # pure noise: the nested search does not gain, no biases
+    for f in run.glob("fold*/seed*/oof.csv"):
+        t = pd.read_csv(f, dtype={"sample": str, "subject": str, "dataset": str})
+        t[[f"logit_{c}" for c in range(7)]] = rng.normal(0, 1, (len(t), 7))
+        t.to_csv(f, index=False)
+    assert oof_biases([run], settings("nested")) is None
     # one fold's predictions cannot be nested: said, and no biases
     for f in run.glob("fold*/seed*/oof.csv"):
-        if not f.parts[-3] == "fold0":
+        if f.parts[-3] != "fold0":
             f.unlink()
     caplog.clear()
     with caplog.at_level("WARNING", logger="mer"):
