@@ -42,8 +42,6 @@ def feature_settings(cfg: dict) -> dict:
 
     settings = {k: v for k, v in cfg["preprocess"].items()
                 if k not in NOT_IN_KEY and not (k in OFF_NOT_IN_KEY and not v)}
-    if settings.get("apex_frame") != "spotted":
-        settings.pop("apex_spot_ms", None)  # used by 'spotted' only
     settings["rois"] = roi_specs(settings["rois"])  # 'default' resolved: its definition counts
     return {"preprocess": settings, "version": FEATURE_VERSION}
 

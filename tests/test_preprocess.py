@@ -138,6 +138,13 @@ def test_changing_a_setting_changes_the_cache_key(tmp_path):
     assert C.cache_key(cfg) == key  # where the cache lives is not a setting of the tensors
     del cfg["preprocess"]["flow_blur"]  # a cache made before the setting existed keeps its key
     assert C.cache_key(cfg) == key
+    # every cache keeps the spotted apex map, whatever apex_frame the main map uses
+    keys = set()
+    for frame in ("blink_free", "max_motion"):
+        for ms in (200.0, 300.0):
+            cfg = work_config(tmp_path, **{"preprocess.apex_frame": frame, "preprocess.apex_spot_ms": ms})
+            keys.add(C.cache_key(cfg))
+    assert len(keys) == 4
 
 
 def _small_copy(src: Path, dst: Path, samples: dict[str, list[str]]) -> Path:
