@@ -344,6 +344,9 @@ def motion_magnitude(features: np.ndarray, channels: list[str]) -> tuple[np.ndar
     return np.abs(features).sum(-1), f"sum of |{', '.join(channels) or 'channels'}|"
 
 
+APEX_FRAMES = ("spotted", "blink_free", "max_motion")  # preprocess.apex_frame: how the onset-apex frame is chosen
+
+
 def spot_apex_score(uv: np.ndarray, times: np.ndarray, window_ms: float) -> np.ndarray:
     """(T,) how far each step's ROI motion stands out from the mean of the steps `window_ms` before
     and after it, summed over the ROIs: the feature difference of micro-expression spotting

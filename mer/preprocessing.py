@@ -22,16 +22,14 @@ from .errors import UserError
 from .blinks import blink_score, eyelid_rois, suppress_blinks
 from .data import TEST_SPLITS, Dataset, table_fingerprint
 from .face import Cropper, Detection, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
-from .features import (HeadMotion, Motion, RoiPooler, grid_frames, motion_magnitude, roi_boxes, roi_specs,
-                       spot_apex_score)
+from .features import (APEX_FRAMES, HeadMotion, Motion, RoiPooler, grid_frames, motion_magnitude, roi_boxes,
+                       roi_specs, spot_apex_score)
 from .flow import make_flow, optical_strain
 from .frames import FolderFrames, FrameSource
 from .devices import jobs_that_fit
 from .workers import Lost, run_jobs
 
 log = logging.getLogger("mer.preprocess")
-
-APEX_FRAMES = ("spotted", "blink_free", "max_motion")  # preprocess.apex_frame
 
 
 class ClipError(Exception):
@@ -106,7 +104,8 @@ class Extractor:
         self.channels = tuple(p["channels"])
         self._flow = make_flow(p["flow"], p["dis_preset"])
         if p["apex_frame"] not in APEX_FRAMES:
-            raise ValueError(f"preprocess.apex_frame must be one of {', '.join(APEX_FRAMES)}, got '{p['apex_frame']}'")
+            raise ValueError(f"preprocess.apex_frame must be one of {', '.join(APEX_FRAMES)}, "
+                             f"got '{p['apex_frame']}'")
         blinks_seen = "v" in self.channels and len(eyelid_rois(self.specs)) >= 2
         where = "which these settings lack (preprocess.channels, preprocess.rois)"
         if p["apex_frame"] == "spotted" and not {"u", "v"} <= set(self.channels):

@@ -31,7 +31,7 @@ from .cli import cpu_count
 from .devices import jobs_that_fit
 from .errors import UserError
 from .config import ConfigError, default_config, merge, save_config, stable_hash
-from .features import mirror_permutation, roi_specs
+from .features import APEX_FRAMES, mirror_permutation, roi_specs
 from .files import atomic, write_text_atomic
 from .metrics import scores
 from .models import build_model
@@ -103,7 +103,7 @@ def channel_index(cached: list[str], wanted: list[str] | None) -> list[int]:
     return [cached.index(c) for c in wanted]
 
 
-APEX_SOURCES = ("motion", "spotted", "blink_free", "max_motion", "annotated")  # model.apex_source
+APEX_SOURCES = ("motion", *APEX_FRAMES, "annotated")  # model.apex_source
 
 
 def apex_map_of(z, apex_source: str, path: Path) -> np.ndarray:

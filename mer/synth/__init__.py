@@ -27,8 +27,8 @@ from .aus import (AU_DEFS, AU_LANDMARKS, EMFACS_RECIPES, OVERLAPPING_PATTERNS, S
                   au_landmark_displacement)
 from .camera import ClipRenderer, Scene, clip_truth, iter_frames, jpeg_quality, render_clip
 from .cli import main
-from .config import (DFME_CLASS_SHARE, EMOTION_ID, EMOTIONS, GENERATOR_VERSION, PRESETS, SPLIT_DIRS, SPLITS, TABLE_COLUMNS,
-                     TEST_TABLE_COLUMNS, TRUTH_COLUMNS, ClipSpec, SynthConfig, config_dict)
+from .config import (DFME_CLASS_SHARE, EMOTION_ID, EMOTIONS, GENERATOR_VERSION, PRESETS, SPLIT_DIRS, SPLITS,
+                     TABLE_COLUMNS, TEST_TABLE_COLUMNS, TRUTH_COLUMNS, ClipSpec, SynthConfig, config_dict)
 from .dynamics import HEAD_COLUMNS, clip_curves, clip_details, times_ms
 from .faces import ASTRONAUT_LANDMARKS, BUILTIN_PHOTOS, MIRROR_PERM, PYFEAT_PHOTOS, load_photo, pyfeat_file
 from .layout import (CURVE_KEYS, default_truth_dir, generate, plan_dataset, single_clip_spec, truth_row,
@@ -36,10 +36,11 @@ from .layout import (CURVE_KEYS, default_truth_dir, generate, plan_dataset, sing
 
 __all__ = [
     "AU_DEFS", "AU_LANDMARKS", "ClipRenderer", "ASTRONAUT_LANDMARKS", "BUILTIN_PHOTOS", "CURVE_KEYS", "ClipSpec",
-    "DFME_CLASS_SHARE", "EMFACS_RECIPES", "EMOTIONS", "EMOTION_ID", "GENERATOR_VERSION", "HEAD_COLUMNS", "MIRROR_PERM",
-    "OVERLAPPING_PATTERNS", "PRESETS", "PYFEAT_PHOTOS", "SPLITS", "SPLIT_DIRS", "SUPPORTED_AUS", "Scene", "SynthConfig",
+    "DFME_CLASS_SHARE", "EMFACS_RECIPES", "EMOTIONS", "EMOTION_ID", "GENERATOR_VERSION", "HEAD_COLUMNS",
+    "MIRROR_PERM", "OVERLAPPING_PATTERNS", "PRESETS", "PYFEAT_PHOTOS", "SPLITS", "SPLIT_DIRS", "SUPPORTED_AUS", "Scene",
+    "SynthConfig",
     "TABLE_COLUMNS", "TEST_TABLE_COLUMNS", "TRUTH_COLUMNS", "au_landmark_displacement", "clip_curves",
     "clip_details", "clip_truth", "config_dict", "default_truth_dir", "generate", "iter_frames",
-    "jpeg_quality", "load_photo", "main", "plan_dataset", "pyfeat_file", "render_clip", "single_clip_spec", "times_ms",
-    "truth_row", "write_clip", "write_xlsx",
+    "jpeg_quality", "load_photo", "main", "plan_dataset", "pyfeat_file", "render_clip", "single_clip_spec",
+    "times_ms", "truth_row", "write_clip", "write_xlsx",
 ]

@@ -33,9 +33,9 @@ import pandas as pd
 
 from .aus import AU_DEFS, AU_LANDMARKS, SUPPORTED_AUS
 from .camera import Scene, clip_truth, iter_frames, jpeg_quality
-from .config import (DFME_CLASS_SHARE, EMOTIONS, FREQUENCY_ORDER, GENERATOR_VERSION, SPLIT_DIRS, SPLITS, TABLE_COLUMNS,
-                     TEST_TABLE_COLUMNS, TRUTH_COLUMNS, ClipSpec, SynthConfig, check_emotion, config_dict,
-                     rng_for, subject_name)
+from .config import (DFME_CLASS_SHARE, EMOTIONS, FREQUENCY_ORDER, GENERATOR_VERSION, SPLIT_DIRS, SPLITS,
+                     TABLE_COLUMNS, TEST_TABLE_COLUMNS, TRUTH_COLUMNS, ClipSpec, SynthConfig, check_emotion,
+                     config_dict, rng_for, subject_name)
 from .dynamics import HEAD_COLUMNS
 
 log = logging.getLogger("mer.synth")
@@ -285,8 +285,9 @@ def generate(out: Path | str, config: SynthConfig, truth_out: Path | str | None 
             write_xlsx(part[list(TABLE_COLUMNS)].reset_index(drop=True), out / "train.xlsx")
         else:
             write_xlsx(part[list(TEST_TABLE_COLUMNS)].reset_index(drop=True), out / f"{split}.xlsx")
-    meta = dict(config=config_dict(config), generator_version=GENERATOR_VERSION, jpeg_quality_effective=jpeg_quality(config),
-                layout=dict(SPLIT_DIRS), emotions=list(EMOTIONS), au_landmarks=AU_LANDMARKS,
+    meta = dict(config=config_dict(config), generator_version=GENERATOR_VERSION,
+                jpeg_quality_effective=jpeg_quality(config), layout=dict(SPLIT_DIRS), emotions=list(EMOTIONS),
+                au_landmarks=AU_LANDMARKS,
                 au_side_convention="0 both sides, -1 subject-left (image right), "
                                    "+1 subject-right (image left)",
                 head_columns=list(HEAD_COLUMNS),
