@@ -127,10 +127,11 @@ def nested_bias_gain(logp: np.ndarray, y: np.ndarray, folds: np.ndarray, grid: n
     return _uf1(y, logp), scores(y, pred, logp.shape[1])["uf1"]
 
 
-def fit_ensemble(runs: list[Path], cfg: dict) -> dict:
-    """Weights and biases for `runs` from their out-of-fold predictions, with honest figures."""
+def fit_ensemble(runs: list[Path], cfg: dict, oof: tuple[pd.DataFrame, list[np.ndarray]] | None = None) -> dict:
+    """Weights and biases for `runs` from their out-of-fold predictions (`oof_table(runs)`, read
+    here unless given), with honest figures."""
     ecfg = cfg["ensemble"]
-    info, probs = oof_table(runs)
+    info, probs = oof if oof is not None else oof_table(runs)
     y = info["label"].to_numpy().astype(int)
     folds = info["fold"].to_numpy().astype(int)
     if ecfg["weights"] == "search":
@@ -173,15 +174,15 @@ def oof_biases(runs: list[Path], cfg: dict) -> dict | None:
     if mode != "nested":
         raise UserError(f"predict.bias must be nested or none, got '{mode}'")
     try:
-        info, _ = oof_table(runs)
+        oof = oof_table(runs)
     except UserError as e:
         log.warning("predict.bias=nested: %s; predicting without per-class biases", e)
         return None
-    if info["fold"].nunique() < 2:
+    if oof[0]["fold"].nunique() < 2:
         log.warning("predict.bias=nested needs out-of-fold predictions of 2 or more folds (train.py --fold all); "
                     "predicting without per-class biases")
         return None
-    ens = fit_ensemble(runs, {**cfg, "ensemble": {**cfg["ensemble"], "weights": "equal", "bias": "nested"}})
+    ens = fit_ensemble(runs, {**cfg, "ensemble": {**cfg["ensemble"], "weights": "equal", "bias": "nested"}}, oof)
     log.info("per-class biases (predict.bias=nested): out-of-fold UF1 %.4f -> %.4f with biases tuned on the other "
              "folds: %s", ens["oof_uf1_no_bias"], ens["oof_uf1_nested_bias"],
              "used" if ens["bias_used"] else "not used")
