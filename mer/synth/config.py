@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .faces import check_photo
+
 EMOTIONS: tuple[str, ...] = (
     "anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise",
 )
@@ -119,6 +121,8 @@ class SynthConfig:
             raise ValueError("blink_kinds must be 3 non-negative weights (single, double, half)")
         if not self.photos:
             raise ValueError("photos must name at least one face photo")
+        for name in self.photos:
+            check_photo(name)
 
     @property
     def face_px(self) -> float:

