@@ -122,9 +122,12 @@ class Dataset:
 
 # --------------------------------------------------------------------------- frames on disk
 
+_DIGITS = re.compile(r"\d+")
+
+
 def frame_number(path: str | Path) -> int | None:
     """The frame number in a file name: '00012.png' -> 12, 'img_12.jpg' -> 12, 'reg_img7' -> 7."""
-    nums = re.findall(r"\d+", Path(path).stem)
+    nums = _DIGITS.findall(os.path.splitext(os.path.basename(path))[0])
     return int(nums[-1]) if nums else None
 
 
@@ -140,8 +143,11 @@ def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpe
         names = _list_dir(str(folder))[1]
     if names is None:
         names = [e.name for e in os.scandir(folder) if e.is_file()]
-    files = [folder / n for n in names if Path(n).suffix.lower() in exts and frame_number(n) is not None]
-    return sorted(files, key=lambda p: (frame_number(p), p.name))
+    numbered = []  # (number, name): a clip folder holds hundreds of files, each parsed once
+    for n in names:
+        if os.path.splitext(n)[1].lower() in exts and (number := frame_number(n)) is not None:
+            numbered.append((number, n))
+    return [folder / n for _, n in sorted(numbered)]
 
 
 _LISTED: dict | None = None  # while load_dataset runs: folder -> (sub-folders, files), each listed once

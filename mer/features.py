@@ -157,15 +157,24 @@ def _irls(A: np.ndarray, d: np.ndarray, n_points: int, init: np.ndarray | None, 
             break
         last = r
         rr = np.hypot(r[:n_points], r[n_points:])  # one residual per point, both components
-        sigma = max(1.4826 * np.median(rr), 1e-3)
-        c = 4.685 * sigma
-        wp = np.where(rr < c, (1 - (rr / c) ** 2) ** 2, 0.0)
+        sigma = max(1.4826 * _median(rr), 1e-3)
+        wp = np.clip(1 - (rr / (4.685 * sigma)) ** 2, 0.0, None) ** 2  # Tukey: 0 beyond 4.685 sigma
         w = np.concatenate([wp, wp])
         if w.sum() < 2 * A.shape[1]:
             break
         Aw = A * w[:, None]
-        p = np.linalg.lstsq(Aw.T @ A, Aw.T @ d, rcond=None)[0]
+        try:
+            p = np.linalg.solve(Aw.T @ A, Aw.T @ d)
+        except np.linalg.LinAlgError:  # degenerate weights (points on a line): the least-norm fit
+            p = np.linalg.lstsq(Aw.T @ A, Aw.T @ d, rcond=None)[0]
     return p
+
+
+def _median(x: np.ndarray) -> float:
+    """np.median of a 1-D array, without its per-call overhead (the fit runs once per step)."""
+    m = len(x) // 2
+    part = np.partition(x, [m - 1, m] if len(x) % 2 == 0 and m > 0 else [m])
+    return float(part[m] if len(x) % 2 else (part[m - 1] + part[m]) / 2)
 
 
 def fit_projective(q: np.ndarray, disp: np.ndarray, init: np.ndarray | None = None, iters: int = 6) -> np.ndarray:
@@ -269,6 +278,8 @@ class RoiPooler:
         self.k = np.array([max(1, int(round(top_frac * len(i)))) for i in self.idx])
         self.starts = np.concatenate([[0], np.cumsum(self.k)[:-1]])
         self.neighbours = self._neighbours()  # for strain at the ROI pixels
+        self.sizes = np.diff(self.seg)
+        self.centres = [((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2) for x0, y0, x1, y1 in self.boxes]
         self.channels = tuple(channels)
         unknown = set(self.channels) - set(CHANNELS)
         if unknown:
@@ -277,16 +288,16 @@ class RoiPooler:
     def __call__(self, flow: np.ndarray, motion: Motion | None = None) -> np.ndarray:
         """Features of one step; `motion`: the head's motion to remove (None: the flow is already
         head-free)."""
-        u = flow[..., 0].ravel()[self.all]
-        v = flow[..., 1].ravel()[self.all]
+        z = as_complex(flow)[self.all]  # u + iv at the ROI pixels: one gather for both components
         if motion is not None:
             du, dv = motion.at(self.xs, self.ys)
-            u, v = u - du, v - dv
-        mag = np.hypot(u, v)
+            z = z - (du + 1j * dv).astype(np.complex64, copy=False)
+        u, v, mag = z.real, z.imag, np.abs(z)
         top = np.concatenate([s + np.argpartition(mag[s:e], (e - s) - k)[-k:]
                               for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
-        mean_u, mean_v = np.add.reduceat(u[top], self.starts) / self.k, np.add.reduceat(v[top], self.starts) / self.k
-        self.last_motion = float(np.hypot(mean_u, mean_v).sum())  # the step's total ROI motion, whatever is cached
+        mean = np.add.reduceat(z[top], self.starts) / self.k
+        mean_u, mean_v = mean.real, mean.imag
+        self.last_motion = float(np.abs(mean).sum())  # the step's total ROI motion, whatever is cached
         pooled = {
             "u": lambda: mean_u,
             "v": lambda: mean_v,
@@ -296,27 +307,36 @@ class RoiPooler:
         return np.stack([pooled[c]() for c in self.channels], axis=1).astype(np.float32)
 
     def _neighbours(self) -> tuple[np.ndarray, ...]:
-        """Flat indices of each ROI pixel's neighbours and the spacing between them: central
+        """Flat indices of each ROI pixel's neighbours and the inverse spacing between them: central
         differences inside the crop, one-sided at its edges (exactly np.gradient's)."""
         n, x, y = self.size, self.all % self.size, self.all // self.size
         left, right = self.all - (x > 0), self.all + (x < n - 1)
         up, down = self.all - n * (y > 0), self.all + n * (y < n - 1)
-        return left, right, (right - left).astype(np.float32), up, down, ((down - up) // n).astype(np.float32)
+        return left, right, 1 / (right - left).astype(np.float32), up, down, 1 / ((down - up) // n).astype(np.float32)
 
     def _top_strain(self, flow: np.ndarray, motion: Motion | None) -> np.ndarray:
         """Mean of each ROI's top-k strain values, differentiated at the ROI pixels only; the head's
         affine part (its Jacobian at each ROI's centre) is subtracted from the derivatives."""
-        left, right, dx, up, down, dy = self.neighbours
-        u, v = flow[..., 0].ravel(), flow[..., 1].ravel()
-        du_dx, dv_dx = (u[right] - u[left]) / dx, (v[right] - v[left]) / dx
-        du_dy, dv_dy = (u[down] - u[up]) / dy, (v[down] - v[up]) / dy
+        left, right, inv_dx, up, down, inv_dy = self.neighbours
+        z = as_complex(flow)
+        d_dx, d_dy = (z[right] - z[left]) * inv_dx, (z[down] - z[up]) * inv_dy  # du/d. + i dv/d.
+        du_dx, dv_dx, du_dy, dv_dy = d_dx.real, d_dx.imag, d_dy.real, d_dy.imag
         if motion is not None:
-            centres = [((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2) for x0, y0, x1, y1 in self.boxes]
-            jac = np.repeat(np.stack([motion.jacobian(cx, cy) for cx, cy in centres]), np.diff(self.seg), axis=0)
-            du_dx, du_dy, dv_dx, dv_dy = du_dx - jac[:, 0, 0], du_dy - jac[:, 0, 1], dv_dx - jac[:, 1, 0], dv_dy - jac[:, 1, 1]
+            if motion.g.any():  # a homography: its Jacobian varies, taken at each ROI's centre
+                jac = np.repeat(np.stack([motion.jacobian(cx, cy) for cx, cy in self.centres]), self.sizes, axis=0)
+                jac = jac[:, 0, 0], jac[:, 0, 1], jac[:, 1, 0], jac[:, 1, 1]
+            else:  # affine: the same everywhere
+                jac = motion.lin[0, 0], motion.lin[0, 1], motion.lin[1, 0], motion.lin[1, 1]
+            du_dx, du_dy, dv_dx, dv_dy = du_dx - jac[0], du_dy - jac[1], dv_dx - jac[2], dv_dy - jac[3]
         strain = strain_magnitude(du_dx, du_dy, dv_dx, dv_dy)
-        return np.array([np.partition(strain[s:e], (e - s) - k)[-k:].mean()
-                         for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
+        tops = np.concatenate([np.partition(strain[s:e], (e - s) - k)[-k:]
+                               for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
+        return np.add.reduceat(tops, self.starts) / self.k
+
+
+def as_complex(flow: np.ndarray) -> np.ndarray:
+    """A (H, W, 2) float32 flow as a flat complex64 view u + iv (a copy only if not contiguous)."""
+    return np.ascontiguousarray(flow, np.float32).reshape(-1).view(np.complex64)
 
 
 def grid_frames(numbers: np.ndarray, fps: float, grid_ms: float, max_ms: float) -> tuple[np.ndarray, np.ndarray]:

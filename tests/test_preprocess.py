@@ -374,6 +374,13 @@ def test_roi_pooling_on_roi_pixels_equals_the_whole_field():
         top = np.argsort(mag)[-k:]
         slow[r] = [u[top].mean(), v[top].mean(), mag[top].mean(), np.sort(strain[y0:y1, x0:x1].ravel())[-k:].mean()]
     np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5)
+    # a homography (a turning head): strain less the head's Jacobian at each ROI's centre
+    turn = Motion(motion.lin, motion.t, np.zeros(3, np.float32), np.array([0.02, -0.01], np.float32),
+                  np.array([96.0, 96.0], np.float32), 40.0)
+    fast = RoiPooler(layout.boxes, size, 0.25, ("strain",))(flow, turn)[:, 0]
+    want = [np.sort(optical_strain(flow, turn.jacobian((x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2))[y0:y1, x0:x1].ravel())
+            [-k:].mean() for (x0, y0, x1, y1), k in zip(layout.boxes, pool.k)]
+    np.testing.assert_allclose(fast, want, rtol=1e-4, atol=1e-5)
     # boxes on the crop's edges and corners: one-sided differences there, as np.gradient takes them
     edges = np.array([[0, 0, 12, 9], [size - 7, 40, size, 60], [50, size - 5, 80, size]])
     pool = RoiPooler(edges, size, 1.0, ("strain",))
@@ -397,6 +404,15 @@ def test_robust_similarity_fit_ignores_local_motion():
     assert np.all(np.abs(p - [a, b, tx, ty]) < [2e-3, 2e-3, 0.1, 0.1]), p
     warm = fit_similarity(pts, d, init=p, iters=1)  # warm start: already there
     np.testing.assert_allclose(warm, p, atol=1e-3)
+
+
+def test_fast_median_is_numpys():
+    from mer.features import _median
+
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 3, 10, 299, 300):
+        x = rng.standard_normal(n)
+        assert _median(x) == pytest.approx(float(np.median(x)), abs=1e-12)
 
 
 def _kill_self_on(job):
