@@ -80,6 +80,9 @@ ROWS: tuple[Row, ...] = (
         combine=("default", "apex_cnn"), weights="nested"),
     Row("bias_nested", "default + per-class logit biases tuned on the other folds", combine=("default",),
         bias=True),
+    Row("defaults_vs_winner", "today's defaults (AU head, per-class biases) against the winner's recipe "
+                              "(no_au_head: no AU head, no biases)", combine=("default",), bias=True,
+        baseline="no_au_head"),
     # beyond the winner (mer/blinks.py, mer/pretraining.py, the AU head, test-time mirroring)
     Row("no_au_head", "without the auxiliary AU head (train.au_weight=0: the defaults before the ablation)",
         ("train.au_weight=0",)),
@@ -88,6 +91,10 @@ ROWS: tuple[Row, ...] = (
     Row("blink_mask", "brow and eyelid ROIs zeroed on blink steps", ("model.blink=mask",)),
     Row("blink_gate", "brow and eyelid ROIs scaled by 1 - blink score", ("model.blink=gate",)),
     Row("blink_interp", "brow and eyelid ROIs interpolated across blink steps", ("model.blink=interp",)),
+    Row("blink_mask_bias", "blink_mask + per-class biases, against today's defaults (bias_nested)",
+        combine=("blink_mask",), bias=True, baseline="bias_nested"),
+    Row("blink_interp_bias", "blink_interp + per-class biases, against today's defaults (bias_nested)",
+        combine=("blink_interp",), bias=True, baseline="bias_nested"),
     Row("apex_blink_free", "onset-apex baseline on the blink-free max-motion frame",
         ("model.name=apex_cnn", "model.apex_source=blink_free"), baseline="apex_cnn"),
     Row("apex_max_motion", "onset-apex baseline on the max-motion frame, blinks or not",
@@ -110,9 +117,13 @@ def select_rows(names: list[str] | None) -> list[Row]:
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(by_name)}")
     wanted.add(DEFAULT_ROW)
-    for n in list(wanted):
-        wanted.update(by_name[n].combine)
-        wanted.add(by_name[n].baseline)
+    todo = list(wanted)
+    while todo:  # what a needed row needs, too (a baseline that combines other rows)
+        r = by_name[todo.pop()]
+        for n in (*r.combine, r.baseline):
+            if n not in wanted:
+                wanted.add(n)
+                todo.append(n)
     return [r for r in ROWS if r.name in wanted]
 
 
