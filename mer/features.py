@@ -157,6 +157,8 @@ def _irls(A: np.ndarray, d: np.ndarray, n_points: int, init: np.ndarray | None, 
             break
         last = r
         rr = np.hypot(r[:n_points], r[n_points:])  # one residual per point, both components
+        if len(rr) == 0 or not np.isfinite(rr).all():  # no points, or a broken flow: keep the start
+            break
         sigma = max(1.4826 * _median(rr), 1e-3)
         wp = np.clip(1 - (rr / (4.685 * sigma)) ** 2, 0.0, None) ** 2  # Tukey: 0 beyond 4.685 sigma
         w = np.concatenate([wp, wp])
@@ -292,7 +294,7 @@ class RoiPooler:
         if motion is not None:
             du, dv = motion.at(self.xs, self.ys)
             z = z - (du + 1j * dv).astype(np.complex64, copy=False)
-        u, v, mag = z.real, z.imag, np.abs(z)
+        mag = np.abs(z)
         top = np.concatenate([s + np.argpartition(mag[s:e], (e - s) - k)[-k:]
                               for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
         mean = np.add.reduceat(z[top], self.starts) / self.k
@@ -336,6 +338,8 @@ class RoiPooler:
 
 def as_complex(flow: np.ndarray) -> np.ndarray:
     """A (H, W, 2) float32 flow as a flat complex64 view u + iv (a copy only if not contiguous)."""
+    if flow.shape[-1] != 2:
+        raise ValueError(f"a flow field is (H, W, 2), got shape {flow.shape}")
     return np.ascontiguousarray(flow, np.float32).reshape(-1).view(np.complex64)
 
 

@@ -404,6 +404,10 @@ def test_robust_similarity_fit_ignores_local_motion():
     assert np.all(np.abs(p - [a, b, tx, ty]) < [2e-3, 2e-3, 0.1, 0.1]), p
     warm = fit_similarity(pts, d, init=p, iters=1)  # warm start: already there
     np.testing.assert_allclose(warm, p, atol=1e-3)
+    # no points, or a flow with a NaN in it: the start is kept, never NaN parameters
+    np.testing.assert_array_equal(fit_similarity(np.zeros((0, 2)), np.zeros((0, 2))), np.zeros(4))
+    d[7] = np.nan
+    np.testing.assert_array_equal(fit_similarity(pts, d, init=p), p)
 
 
 def test_fast_median_is_numpys():
