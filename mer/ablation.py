@@ -56,15 +56,15 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = (
-    Row("default", "the defaults: full-sequence transformer with the AU head, DIS medium at 192 px, 10 ms grid, "
-                   "similarity head motion, top 25%, channels u, v, mag, strain"),
+    Row("default", "the defaults: full-sequence transformer with the AU head, DIS medium at 192 px on crops "
+                   "blurred by 0.6 px, 10 ms grid, similarity head motion, top 25%, channels u, v, mag, strain"),
     Row("flow_farneback", "flow: Farneback instead of DIS", ("preprocess.flow=farneback",)),
     Row("flow_size_128", "flow computed on a 128 px crop", ("preprocess.flow_size=128",)),
     Row("flow_size_256", "flow computed on a 256 px crop", ("preprocess.flow_size=256",)),
     Row("dis_fast", "DIS preset fast", ("preprocess.dis_preset=fast",)),
     Row("dis_ultrafast", "DIS preset ultrafast", ("preprocess.dis_preset=ultrafast",)),
-    Row("flow_blur_0.6", "crops blurred (sigma 0.6 px) before the flow: the same low-pass at any face size",
-        ("preprocess.flow_blur=0.6",)),
+    Row("flow_blur_0", "crops not blurred before the flow (a face filmed at the crop's size then gets no low-pass)",
+        ("preprocess.flow_blur=0",)),
     Row("head_nose", "head motion: nose-ridge translation (the reference method)", ("preprocess.head_motion=nose",)),
     Row("top_frac_0.1", "ROI feature: mean of the top 10% vectors", ("preprocess.top_frac=0.1",)),
     Row("top_frac_0.5", "ROI feature: mean of the top 50% vectors", ("preprocess.top_frac=0.5",)),
