@@ -56,8 +56,12 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = (
-    Row("default", "the defaults: full-sequence transformer with the AU head, DIS medium at 192 px on crops "
-                   "blurred by 0.6 px, 10 ms grid, similarity head motion, top 25%, channels u, v, mag, strain"),
+    Row("default", "the defaults: full-sequence transformer with the AU head and blink masking, DIS medium at "
+                   "192 px on crops blurred by 0.6 px, 10 ms grid, similarity head motion, top 25%, channels u, v, "
+                   "mag, strain"),
+    Row("winner", "the winner's recipe: no AU head, no blink handling, unblurred crops (the defaults before "
+                  "this project's additions; predict.bias applies to every row alike)",
+        ("train.au_weight=0", "model.blink=none", "preprocess.flow_blur=0")),
     Row("flow_farneback", "flow: Farneback instead of DIS", ("preprocess.flow=farneback",)),
     Row("flow_size_128", "flow computed on a 128 px crop", ("preprocess.flow_size=128",)),
     Row("flow_size_256", "flow computed on a 256 px crop", ("preprocess.flow_size=256",)),
@@ -80,20 +84,15 @@ ROWS: tuple[Row, ...] = (
         combine=("default", "apex_cnn"), weights="nested"),
     Row("bias_nested", "default + per-class logit biases tuned on the other folds", combine=("default",),
         bias=True),
-    Row("defaults_vs_winner", "today's defaults (AU head, per-class biases) against the winner's recipe "
-                              "(no_au_head: no AU head, no biases)", combine=("default",), bias=True,
-        baseline="no_au_head"),
     # beyond the winner (mer/blinks.py, mer/pretraining.py, the AU head, test-time mirroring)
-    Row("no_au_head", "without the auxiliary AU head (train.au_weight=0: the defaults before the ablation)",
+    Row("no_au_head", "without the auxiliary AU head (train.au_weight=0)",
         ("train.au_weight=0",)),
     Row("tta_mirror", "test-time mirroring: mean of the clip's and its mirror's logits (the default's models)",
         ("predict.tta=mirror",), rescore=True),
-    Row("blink_mask", "brow and eyelid ROIs zeroed on blink steps", ("model.blink=mask",)),
+    Row("blink_none", "no blink handling: brow and eyelid ROIs as measured on blink steps", ("model.blink=none",)),
     Row("blink_gate", "brow and eyelid ROIs scaled by 1 - blink score", ("model.blink=gate",)),
     Row("blink_interp", "brow and eyelid ROIs interpolated across blink steps", ("model.blink=interp",)),
-    Row("blink_mask_bias", "blink_mask + per-class biases, against today's defaults (bias_nested)",
-        combine=("blink_mask",), bias=True, baseline="bias_nested"),
-    Row("blink_interp_bias", "blink_interp + per-class biases, against today's defaults (bias_nested)",
+    Row("blink_interp_bias", "blink_interp + per-class biases, against the default's (bias_nested)",
         combine=("blink_interp",), bias=True, baseline="bias_nested"),
     Row("apex_blink_free", "onset-apex baseline on the blink-free max-motion frame",
         ("model.name=apex_cnn", "model.apex_source=blink_free"), baseline="apex_cnn"),

@@ -45,8 +45,8 @@ def test_rows_bring_what_they_need():
     names = [r.name for r in select_rows(["ens_apex_nested"])]
     assert names == ["default", "apex_cnn", "ens_apex_nested"]
     # a baseline that combines other rows brings those too
-    names = [r.name for r in select_rows(["blink_mask_bias"])]
-    assert names == ["default", "bias_nested", "blink_mask", "blink_mask_bias"]
+    names = [r.name for r in select_rows(["blink_interp_bias"])]
+    assert names == ["default", "bias_nested", "blink_interp", "blink_interp_bias"]
     with pytest.raises(ValueError, match="unknown row"):
         select_rows(["no_such_row"])
 
