@@ -60,7 +60,7 @@ ROWS: tuple[Row, ...] = (
                    "192 px on crops blurred by 0.6 px, 10 ms grid, similarity head motion, top 25%, channels u, v, "
                    "mag, strain"),
     Row("winner", "the winner's recipe: no AU head, no blink handling, unblurred crops (the defaults before "
-                  "this project's additions; predict.bias applies to every row alike)",
+                  "this project's additions; scored without per-class biases, as every trained row)",
         ("train.au_weight=0", "model.blink=none", "preprocess.flow_blur=0")),
     Row("flow_farneback", "flow: Farneback instead of DIS", ("preprocess.flow=farneback",)),
     Row("flow_size_128", "flow computed on a 128 px crop", ("preprocess.flow_size=128",)),

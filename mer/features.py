@@ -290,7 +290,8 @@ class RoiPooler:
     def __call__(self, flow: np.ndarray, motion: Motion | None = None) -> np.ndarray:
         """Features of one step; `motion`: the head's motion to remove (None: the flow is already
         head-free)."""
-        z = as_complex(flow)[self.all]  # u + iv at the ROI pixels: one gather for both components
+        field = as_complex(flow)  # u + iv: one gather serves both components
+        z = field[self.all]
         if motion is not None:
             du, dv = motion.at(self.xs, self.ys)
             z = z - (du + 1j * dv).astype(np.complex64, copy=False)
@@ -304,7 +305,7 @@ class RoiPooler:
             "u": lambda: mean_u,
             "v": lambda: mean_v,
             "mag": lambda: np.add.reduceat(mag[top], self.starts) / self.k,
-            "strain": lambda: self._top_strain(flow, motion),
+            "strain": lambda: self._top_strain(field, motion),
         }
         return np.stack([pooled[c]() for c in self.channels], axis=1).astype(np.float32)
 
@@ -316,11 +317,11 @@ class RoiPooler:
         up, down = self.all - n * (y > 0), self.all + n * (y < n - 1)
         return left, right, 1 / (right - left).astype(np.float32), up, down, 1 / ((down - up) // n).astype(np.float32)
 
-    def _top_strain(self, flow: np.ndarray, motion: Motion | None) -> np.ndarray:
-        """Mean of each ROI's top-k strain values, differentiated at the ROI pixels only; the head's
-        affine part (its Jacobian at each ROI's centre) is subtracted from the derivatives."""
+    def _top_strain(self, z: np.ndarray, motion: Motion | None) -> np.ndarray:
+        """Mean of each ROI's top-k strain values of the flow `z` (`as_complex`), differentiated at
+        the ROI pixels only; the head's affine part (its Jacobian at each ROI's centre) is
+        subtracted from the derivatives."""
         left, right, inv_dx, up, down, inv_dy = self.neighbours
-        z = as_complex(flow)
         d_dx, d_dy = (z[right] - z[left]) * inv_dx, (z[down] - z[up]) * inv_dy  # du/d. + i dv/d.
         du_dx, dv_dx, du_dy, dv_dy = d_dx.real, d_dx.imag, d_dy.real, d_dy.imag
         if motion is not None:
