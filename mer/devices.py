@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 from .errors import UserError
 
@@ -91,7 +92,10 @@ def set_deterministic(device: str, on: bool) -> None:
     if on and device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     models.MATH_ATTENTION = bool(on) and device.startswith("cuda")
-    torch.use_deterministic_algorithms(bool(on))
+    if "torch._inductor" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(bool(on))
+    else:  # the same switch without importing the compiler (2 s per process), which nothing here uses
+        torch._C._set_deterministic_algorithms(bool(on), warn_only=False)
     torch.backends.cudnn.deterministic = bool(on)
     torch.backends.cudnn.benchmark = not on and device.startswith("cuda")
 

@@ -121,6 +121,15 @@ def test_deterministic_kernels_are_really_switched_on_and_off():
         devices.set_deterministic("cpu", True)
 
 
+def test_switching_deterministic_kernels_does_not_load_the_compiler():
+    """torch.use_deterministic_algorithms imports torch._inductor (2 s per process); nothing here
+    compiles, so the switch is set without it."""
+    code = ("import sys, torch; from mer import devices; devices.set_deterministic('cpu', True); "
+            "assert torch.are_deterministic_algorithms_enabled(); print('torch._inductor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_a_resumed_optimiser_keeps_its_step_counters_on_the_cpu(tmp_path):
     """Checkpoints load onto the CPU: moments follow the parameters to the device, AdamW's step
     counters stay on the host (on a GPU they would cost a sync per parameter per step)."""

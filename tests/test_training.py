@@ -116,7 +116,7 @@ def test_seeded_runs_are_bit_identical_on_cpu(tmp_path, synth_cache):
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, synth_cache):
     cfg, cdir = synth_cache
     cmd = [sys.executable, str(ROOT / "train.py"), "--cache", str(cdir), "--fold", "0", "--seeds", "0",
-           "--jobs", "1", "--device", "cpu", "--set", "train.folds=3", "--set", "train.epochs=80",
+           "--jobs", "1", "--device", "cpu", "--set", "train.folds=3", "--set", "train.epochs=30",
            "--set", "train.min_steps=0",
            "--set", "model.sequence.depth=2", "--set", "model.sequence.dim=32", "--set", "model.sequence.heads=4"]
     killed = cmd + ["--set", f"train.run_dir={tmp_path / 'a'}"]
