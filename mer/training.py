@@ -562,6 +562,7 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
     n_classes = len(meta["classes"])
     bar = tqdm(range(start, st.epochs), desc=f"fold {fold} seed {seed}", unit="ep", file=sys.stderr,
                initial=start, total=st.epochs, dynamic_ncols=True, disable=not progress)
+    every_s, saved_at = float(tcfg.get("checkpoint_s", 0)), time.monotonic()
     for epoch in bar:
         row = {"epoch": epoch + 1, **_epoch(st, cfg, device, _seed_everything(seed, fold, epoch), amp)}
         row.update(_diagnostics(st, device, n_classes))
@@ -569,8 +570,10 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
             best = (row["select_uf1"], {k: v.detach().cpu().clone() for k, v in st.model.state_dict().items()})
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", uf1=f"{row.get('heldout_uf1', float('nan')):.3f}")
-        save_atomic({"model": st.model.state_dict(), "opt": st.opt.state_dict(), "sched": st.sched.state_dict(),
-                     "history": history, "epoch": epoch, "best": best}, ckpt)
+        if epoch + 1 < st.epochs and time.monotonic() - saved_at >= every_s:  # the last one is the model itself
+            save_atomic({"model": st.model.state_dict(), "opt": st.opt.state_dict(), "sched": st.sched.state_dict(),
+                         "history": history, "epoch": epoch, "best": best}, ckpt)
+            saved_at = time.monotonic()
     bar.close()
 
     if st.select_set is not None and best[1] is not None:
@@ -669,7 +672,7 @@ def _inner_split(clips: ClipData, frac: float, seed: int) -> tuple[ClipData, Cli
 # ----------------------------------------------------------------------------- the whole run
 
 def _settings_that_shape_models(cfg: dict) -> dict:
-    skip = {"run_dir", "seeds", "num_threads", "gpu_job_mb"}
+    skip = {"run_dir", "seeds", "num_threads", "gpu_job_mb", "checkpoint_s"}
     train = {k: v for k, v in cfg["train"].items() if k not in skip}
     train["extra"] = list(train.get("extra") or [])  # runs from before extra data existed had none
     if not train["extra"]:

@@ -77,7 +77,7 @@ def work_config(tmp: Path, **sets) -> dict:
     from mer.config import load_config
 
     base = [f"preprocess.cache_dir={tmp / 'cache'}", f"train.run_dir={tmp / 'runs'}",
-            f"submission.out_dir={tmp / 'submissions'}", "train.epochs=25", "train.min_steps=150", "train.folds=3", "train.seeds=[0]",
+            f"submission.out_dir={tmp / 'submissions'}", "train.epochs=25", "train.min_steps=100", "train.folds=3", "train.seeds=[0]",
             "model.sequence.depth=2", "model.sequence.dim=32", "model.sequence.heads=4"]
     return load_config(overrides=base + [f"{k}={v}" for k, v in sets.items()])
 

@@ -59,6 +59,7 @@ def test_ablation_end_to_end_streams_trains_scores_and_resumes(tmp_path, capsys)
             "--workers", "2", "--jobs", "1",
             "--bootstrap", "50", "--synth-set", "width=320", "--synth-set", "height=240",
             "--synth-set", "me_ms=[250,300]", "--synth-set", "neutral_ms=[40,60]", "--synth-set", "fps=[200]",
+            "--extra-synth-set", "width=320", "--extra-synth-set", "height=240", "--extra-synth-set", "face_width=115",
             "--set", "train.epochs=2", "--set", "train.min_steps=1", "--set", "train.folds=3", "--set", "model.sequence.depth=1",
             "--set", "model.sequence.dim=16", "--set", "model.sequence.heads=2"]
     main(args)
@@ -90,3 +91,12 @@ def test_ablation_end_to_end_streams_trains_scores_and_resumes(tmp_path, capsys)
     main(args)  # resume: nothing is recomputed, the same table comes out
     assert capsys.readouterr().out.splitlines()[1:] == table.splitlines()[1:]  # the header holds timings
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_a_generator_setting_that_does_not_exist_is_named(tmp_path):
+    from mer.bench import main
+    from mer.errors import UserError
+
+    for flag in ("--synth-set", "--extra-synth-set"):
+        with pytest.raises(UserError, match=f"{flag} widht=3: expected FIELD=VALUE with a generator setting"):
+            main(["ablate", "--work", str(tmp_path), "--clips", "8", flag, "widht=3"])

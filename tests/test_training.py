@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -113,11 +114,32 @@ def test_seeded_runs_are_bit_identical_on_cpu(tmp_path, synth_cache):
     assert c["n_oof"] == outs[0]["n_oof"]
 
 
+def test_checkpoints_are_written_at_most_every_checkpoint_s(tmp_path, synth_cache, monkeypatch):
+    """train.checkpoint_s=0 checkpoints after every epoch but the last (whose state is the model
+    itself); a long interval writes none while the run lasts less; the models are the same."""
+    from mer import training
+
+    cfg, cdir = synth_cache
+    clips = load_clips(cdir, "train")
+    folds = make_folds(clips, 3, "kfold")
+    meta = {"cache": str(cdir), "classes": C.read_meta(cdir)["classes"], "rois": roi_specs("default"),
+            "channels": ["u", "v", "mag", "strain"]}
+    written = []
+    save = training.save_atomic
+    monkeypatch.setattr(training, "save_atomic", lambda obj, path: (written.append(Path(path).name), save(obj, path)))
+    for every in (0, 1e9):
+        c = {**cfg, "train": {**cfg["train"], "epochs": 4, "min_steps": 0, "checkpoint_s": every}}
+        train_one(clips, folds, 0, 3, c, meta, tmp_path / str(every), "cpu", progress=False)
+    assert written == ["last.pt"] * 3 + ["model.pt"] + ["model.pt"]
+    a, b = _state(tmp_path / "0" / "model.pt"), _state(tmp_path / "1000000000.0" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "0" / "last.pt").exists()
+
+
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, synth_cache):
     cfg, cdir = synth_cache
     cmd = [sys.executable, str(ROOT / "train.py"), "--cache", str(cdir), "--fold", "0", "--seeds", "0",
            "--jobs", "1", "--device", "cpu", "--set", "train.folds=3", "--set", "train.epochs=30",
-           "--set", "train.min_steps=0",
+           "--set", "train.min_steps=0", "--set", "train.checkpoint_s=0",
            "--set", "model.sequence.depth=2", "--set", "model.sequence.dim=32", "--set", "model.sequence.heads=4"]
     killed = cmd + ["--set", f"train.run_dir={tmp_path / 'a'}"]
     log = open(tmp_path / "killed.log", "w")
