@@ -593,6 +593,7 @@ def run_ablation(work: Path, synth, rows: list[Row], seeds: list[int], *, worker
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".json").write_text(json.dumps(
         {"table": table.to_dict(orient="records"), "synth": config_dict(synth), "seeds": list(seeds),
+         **({"extra_synth": config_dict(bench.extra_synth)} if any(r.extra for r in rows) else {}),
          "minutes": {"preprocess": t_pre / 60, "train": t_train / 60}, **extra}, default=float, indent=1))
     log.info("wrote %s and %s", out.with_suffix(".md"), out.with_suffix(".json"))
     return table

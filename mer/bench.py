@@ -410,11 +410,14 @@ def bench_ablate(args: argparse.Namespace) -> None:
     """The ablation table (mer/ablation.py) on a streamed dfme-difficulty set."""
     import yaml
 
-    from .ablation import run_ablation, select_rows
+    from .ablation import Bench, run_ablation, select_rows
     from .cli import cpu_count
     from .synth import SynthConfig
 
-    def overrides(texts: list[str], flag: str) -> dict:
+    own_flags = {"subjects": "--subjects", "total_clips": "--clips", "seed": "--seed", "difficulty": "--difficulty",
+                 "split_subjects": "--subjects"}
+
+    def overrides(texts: list[str], flag: str, taken: dict) -> dict:
         fields = {f.name for f in dataclasses.fields(SynthConfig)}
         out = {}
         for text in texts:
@@ -423,18 +426,29 @@ def bench_ablate(args: argparse.Namespace) -> None:
             if not eq or key not in fields:
                 raise UserError(f"{flag} {text}: expected FIELD=VALUE with a generator setting "
                                 f"(one of {', '.join(sorted(fields))})")
+            if key in taken:
+                raise UserError(f"{flag} {text}: {key} has its own option, {taken[key]}")
             out[key] = yaml.safe_load(value)
         return out
 
     n = args.subjects
-    synth = SynthConfig.preset(args.difficulty, subjects=n, split_subjects=(n, 0, 0), total_clips=args.clips,
-                               seed=args.seed, **overrides(args.synth_set, "--synth-set"))
+    extra_sets = overrides(args.extra_synth_set, "--extra-synth-set", {"difficulty": "(its name: casme3like)"})
+    if "subjects" in extra_sets:
+        extra_sets.setdefault("split_subjects", (extra_sets["subjects"], 0, 0))
+    rows = select_rows(args.rows)
+    if extra_sets and not any(r.extra for r in rows):
+        log.warning("--extra-synth-set: no selected row trains with the extra database; ignored")
+    try:  # both generated sets checked now, not after the first one has been rendered
+        synth = SynthConfig.preset(args.difficulty, subjects=n, split_subjects=(n, 0, 0), total_clips=args.clips,
+                                   seed=args.seed, **overrides(args.synth_set, "--synth-set", own_flags))
+        Bench(Path("."), synth, [], [], extra_sets).extra_synth
+    except (TypeError, ValueError) as e:
+        raise UserError(f"ablate: the generator settings are not usable: {e}") from None
     seeds = args.seeds if args.seeds_given else [0, 1, 2]
     work = Path(args.work or Path(tempfile.gettempdir()) / f"mer_ablate_{args.difficulty}_{args.clips}_{args.seed}")
-    rows = select_rows(args.rows)
     table = run_ablation(work, synth, rows, seeds, workers=args.workers or cpu_count(), device=args.device,
                          jobs=args.jobs, base_sets=args.set, out=Path(args.out) if args.out else None,
-                         n_boot=args.bootstrap, extra_synth_sets=overrides(args.extra_synth_set, "--extra-synth-set"))
+                         n_boot=args.bootstrap, extra_synth_sets=extra_sets)
     print((Path(args.out) if args.out else work / "ablation").with_suffix(".md").read_text())
     del table
 

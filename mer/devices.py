@@ -92,10 +92,12 @@ def set_deterministic(device: str, on: bool) -> None:
     if on and device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     models.MATH_ATTENTION = bool(on) and device.startswith("cuda")
-    if "torch._inductor" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
-        torch.use_deterministic_algorithms(bool(on))
-    else:  # the same switch without importing the compiler (2 s per process), which nothing here uses
+    try:  # the kernels' switch without importing the compiler (2 s per process), which nothing here uses
+        if "torch._inductor" in sys.modules:  # compiled code would read the compiler's own flag too
+            raise AttributeError
         torch._C._set_deterministic_algorithms(bool(on), warn_only=False)
+    except (AttributeError, TypeError):  # or when a torch version moves the private call
+        torch.use_deterministic_algorithms(bool(on))
     torch.backends.cudnn.deterministic = bool(on)
     torch.backends.cudnn.benchmark = not on and device.startswith("cuda")
 

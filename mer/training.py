@@ -562,7 +562,7 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
     n_classes = len(meta["classes"])
     bar = tqdm(range(start, st.epochs), desc=f"fold {fold} seed {seed}", unit="ep", file=sys.stderr,
                initial=start, total=st.epochs, dynamic_ncols=True, disable=not progress)
-    every_s, saved_at = float(tcfg.get("checkpoint_s", 0)), time.monotonic()
+    every_s, saved_at = checkpoint_interval(tcfg), time.monotonic()
     for epoch in bar:
         row = {"epoch": epoch + 1, **_epoch(st, cfg, device, _seed_everything(seed, fold, epoch), amp)}
         row.update(_diagnostics(st, device, n_classes))
@@ -584,6 +584,14 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
     write_text_atomic(done, json.dumps(result, indent=1))
     ckpt.unlink(missing_ok=True)  # last: a crash before this point resumes, never loses the run
     return result
+
+
+def checkpoint_interval(tcfg: dict) -> float:
+    """train.checkpoint_s, checked: seconds between resume points (0: after every epoch)."""
+    every_s = float(tcfg.get("checkpoint_s", 0))
+    if not every_s >= 0:
+        raise UserError(f"train.checkpoint_s must be 0 (every epoch) or more seconds, got {every_s:g}")
+    return every_s
 
 
 def _resume(st: Setup, ckpt: Path, fold: int, seed: int) -> tuple[list[dict], int, tuple]:
@@ -810,6 +818,7 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
         if not 0 <= todo_folds[0] < n_folds:
             raise UserError(f"--fold {fold}: this run has folds 0..{n_folds - 1}")
     seeds = list(seeds if seeds is not None else cfg["train"]["seeds"])
+    checkpoint_interval(cfg["train"])
     _check_same_settings(run_dir, cfg)
     extra_clips, extra_records = load_extra(extra, cfg, Path(cdir), list(meta["classes"]), cfg["model"]["apex_source"],
                                             channels)

@@ -70,6 +70,7 @@ def test_ablation_end_to_end_streams_trains_scores_and_resumes(tmp_path, capsys)
     result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     rows = {r["row"]: r for r in result["table"]}
     assert result["n_clips"] == 21 and result["seeds"] == [0, 1]
+    assert result["extra_synth"]["width"] == 320 and result["extra_synth"]["fps"] == [30]  # as asked, the rest derived
     assert rows["default"]["seeds"] == 2 and 0 <= rows["default"]["uf1_ens"] <= 1
     assert rows["channels_uv"]["d_lo"] <= rows["channels_uv"]["d_uf1"] <= rows["channels_uv"]["d_hi"]
     assert 0 < result["au_ceiling_uf1"] <= 1
@@ -100,3 +101,6 @@ def test_a_generator_setting_that_does_not_exist_is_named(tmp_path):
     for flag in ("--synth-set", "--extra-synth-set"):
         with pytest.raises(UserError, match=f"{flag} widht=3: expected FIELD=VALUE with a generator setting"):
             main(["ablate", "--work", str(tmp_path), "--clips", "8", flag, "widht=3"])
+    with pytest.raises(UserError, match="--synth-set subjects=6: subjects has its own option, --subjects"):
+        main(["ablate", "--work", str(tmp_path), "--clips", "8", "--synth-set", "subjects=6"])
+    assert not any(tmp_path.iterdir())  # refused before anything was generated

@@ -133,6 +133,9 @@ def test_checkpoints_are_written_at_most_every_checkpoint_s(tmp_path, synth_cach
     assert written == ["last.pt"] * 3 + ["model.pt"] + ["model.pt"]
     a, b = _state(tmp_path / "0" / "model.pt"), _state(tmp_path / "1000000000.0" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "0" / "last.pt").exists()
+    with pytest.raises(UserError, match="train.checkpoint_s must be 0"):
+        train_one(clips, folds, 0, 3, {**cfg, "train": {**cfg["train"], "checkpoint_s": -1}}, meta, tmp_path / "n",
+                  "cpu", progress=False)
 
 
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, synth_cache):
