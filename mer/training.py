@@ -549,6 +549,7 @@ def train_one(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dic
     tcfg = cfg["train"]
     done = out / "result.json"
     if done.is_file():
+        (out / "last.pt").unlink(missing_ok=True)  # a kill between the result and this deletion left it
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     if threads:
@@ -717,6 +718,18 @@ def _check_same_settings(run_dir: Path, cfg: dict) -> None:
                         "use a new --name, or the same settings to finish it")
 
 
+def _check_same_data(run_dir: Path, cdir: Path) -> None:
+    """A run's models must come from one dataset and cache (its folder and settings key; where it
+    is stored may change): refuse to mix, e.g. a benchmark's work folder reused for another set."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return
+    old = Path(json.loads(path.read_text(encoding="utf-8"))["cache"])
+    if (old.parent.name, old.name) != (cdir.resolve().parent.name, cdir.resolve().name):
+        raise UserError(f"run {run_dir} was trained on the cache {old.parent.name}/{old.name}, not "
+                        f"{cdir.resolve().parent.name}/{cdir.resolve().name}; use a new --name")
+
+
 def _call(job: tuple):
     fn, args, kwargs = job
     return fn(*args, **kwargs)
@@ -820,6 +833,7 @@ def run_training(cdir: Path, cfg: dict, name: str, fold: str = "all", seeds: lis
     seeds = list(seeds if seeds is not None else cfg["train"]["seeds"])
     checkpoint_interval(cfg["train"])
     _check_same_settings(run_dir, cfg)
+    _check_same_data(run_dir, Path(cdir))
     extra_clips, extra_records = load_extra(extra, cfg, Path(cdir), list(meta["classes"]), cfg["model"]["apex_source"],
                                             channels)
     save_config(cfg, run_dir / "config.yaml", cache=str(cdir))

@@ -209,6 +209,21 @@ def test_a_run_name_holds_one_configuration(trained_runs):
                      other, "seq", jobs=1)
 
 
+def test_a_run_name_holds_one_dataset(trained_runs, tmp_path):
+    """The same settings on another dataset's cache (a benchmark's work folder reused for another
+    generated set) must not resume or extend the run."""
+    import shutil
+
+    from mer.training import run_training
+
+    cfg, runs = trained_runs
+    cache = Path(json.loads((runs["sequence"] / "run.json").read_text())["cache"])
+    other = tmp_path / "OTHER_SET" / cache.name
+    shutil.copytree(cache, other)
+    with pytest.raises(UserError, match=f"was trained on the cache {cache.parent.name}/{cache.name}, not OTHER_SET/"):
+        run_training(other, cfg, "seq", jobs=1)
+
+
 def test_parallel_jobs_give_the_models_of_one_job(synth_cache, tmp_path):
     """--jobs 2 (spawned processes, the default on a 2-core CPU) trains the same models as one
     job, to float rounding (kernels may add in another order in another process): each (fold,
