@@ -1,76 +1,84 @@
-"""Augmentations of one cached clip that respect the face and the clock.
+"""Augmentations that respect the face and the clock, applied to padded batches on their device.
 
-A clip here is a dict with `features` (T, R, C), `times_ms` (T,) and `apex` (3, S, S) numpy
-arrays. Every function returns a new dict and draws from the Generator it is given, so a seeded
-run is reproducible.
+What varies per clip (mirrored or not, neutral steps prepended, steps cut at the end, playback
+speed) is a handful of numbers drawn on the host from the epoch's numpy Generator (`draw`); the
+features themselves are gathered, mirrored and noised where they live (mer/batches.py), so a
+training set kept on a GPU never comes back to the host. A seeded run is reproducible.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 
-def mirror(clip: dict, perm: np.ndarray, u_channels: list[int], au_perm: np.ndarray | None = None) -> dict:
-    """The clip of the left/right mirrored face: ROIs swapped with their twins, u negated (and
-    sided AU targets swapped, L12 <-> R12, when au_perm is given)."""
-    f = clip["features"][:, perm].copy()
-    f[..., u_channels] *= -1
-    out = dict(clip, features=f)
-    if au_perm is not None and "au" in clip:
-        out["au"] = clip["au"][au_perm]
-    if "apex" in clip:
-        a = clip["apex"][:, :, ::-1].copy()
-        a[0] *= -1
-        out["apex"] = a
+@dataclass
+class Draws:
+    """Per-clip augmentation parameters of one batch, (B,) each."""
+
+    mirror: np.ndarray  # bool: the left/right mirrored face
+    shift: np.ndarray   # int: neutral (zero-motion) steps prepended (the clip starts earlier)
+    cut: np.ndarray     # int: steps dropped at the end (of the shifted clip)
+    speed: np.ndarray   # float: timestamps scaled by this (faster or slower playback)
+
+    @classmethod
+    def none(cls, n: int) -> "Draws":
+        return cls(np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, np.int64), np.ones(n))
+
+
+def draw(lengths: np.ndarray, steps: np.ndarray, cfg: dict, rng: np.random.Generator) -> Draws:
+    """Parameters of the configured augmentations (train.augment) for clips of these lengths and
+    time steps (ms):
+
+    * mirror with probability `mirror`;
+    * start up to `time_shift_ms` earlier (clips of 4 steps or more). A later start is not
+      simulated: motion re-referenced to a later frame would not match the magnitude and strain
+      channels of real clips;
+    * for half of the clips, drop up to a fraction `crop` of the steps at the end (at least 2 stay);
+    * play at a speed drawn from `speed` = [low, high]."""
+    n = len(lengths)
+    lengths = np.asarray(lengths, np.int64)
+    mirror = rng.random(n) < cfg["mirror"]
+    max_shift = np.where(lengths >= 4, np.round(cfg["time_shift_ms"] / np.maximum(steps, 1e-6)), -1)
+    shift = np.where(max_shift >= 0, np.floor(rng.random(n) * (max_shift + 1)), 0).astype(np.int64)
+    shifted = lengths + shift
+    cut = np.floor(rng.random(n) * (np.floor(cfg["crop"] * shifted) + 1)).astype(np.int64)
+    cut = np.where((rng.random(n) < 0.5) & (shifted - cut >= 2), cut, 0)
+    low, high = cfg["speed"]
+    return Draws(mirror, shift, cut, rng.uniform(low, high, n))
+
+
+def mirror(batch: dict[str, torch.Tensor], perm: torch.Tensor, u_channels: list[int],
+           au_perm: torch.Tensor | None = None, which: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The batch with the clips `which` (bool (B,); all if None) of the left/right mirrored face:
+    ROIs swapped with their twins, u negated, the apex map flipped (its u negated) and sided AU
+    targets swapped (L12 <-> R12) when au_perm is given."""
+    out = dict(batch)
+
+    def pick(flipped: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        if which is None:
+            return flipped
+        return torch.where(which.view(-1, *([1] * (plain.dim() - 1))), flipped, plain)
+
+    if "x" in batch:
+        x = batch["x"]
+        sign = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
+        sign[u_channels] = -1
+        out["x"] = pick(x[:, :, perm] * sign, x)
+    if "apex" in batch:
+        a = batch["apex"]
+        sign = torch.ones(a.shape[1], 1, 1, device=a.device, dtype=a.dtype)
+        sign[0] = -1
+        out["apex"] = pick(a.flip(-1) * sign, a)
+    if au_perm is not None and "au" in batch:
+        out["au"] = pick(batch["au"][:, au_perm], batch["au"])
     return out
 
 
-def time_shift(clip: dict, max_ms: float, rng: np.random.Generator) -> dict:
-    """Start the clip up to `max_ms` earlier: neutral (zero-motion) steps prepended. A later start
-    is not simulated: motion re-referenced to a later frame would not match the magnitude and
-    strain channels of real clips."""
-    t, f = clip["times_ms"], clip["features"]
-    if len(t) < 4 or max_ms <= 0:
-        return clip
-    step = float(np.median(np.diff(t)))
-    k = int(rng.integers(0, round(max_ms / step) + 1))
-    if k > 0:
-        f = np.concatenate([np.zeros((k,) + f.shape[1:], f.dtype), f])
-        t = np.concatenate([np.arange(k) * step, t + k * step]).astype(t.dtype)
-    return dict(clip, features=f, times_ms=t)
-
-
-def crop(clip: dict, max_frac: float, rng: np.random.Generator) -> dict:
-    """Drop up to `max_frac` of the steps at the end."""
-    n = len(clip["times_ms"])
-    cut = int(rng.integers(0, int(max_frac * n) + 1))
-    if cut == 0 or n - cut < 2:
-        return clip
-    return dict(clip, features=clip["features"][: n - cut], times_ms=clip["times_ms"][: n - cut])
-
-
-def speed(clip: dict, low: float, high: float, rng: np.random.Generator) -> dict:
-    """Play the clip faster or slower: timestamps scaled, motion unchanged."""
-    s = rng.uniform(low, high)
-    return dict(clip, times_ms=(clip["times_ms"] * s).astype(clip["times_ms"].dtype))
-
-
-def noise(clip: dict, sigma: float, rng: np.random.Generator) -> dict:
-    """Gaussian noise on the features (already normalised to unit scale per channel)."""
-    f = clip["features"]
-    return dict(clip, features=(f + rng.normal(0, sigma, f.shape)).astype(f.dtype))
-
-
-def augment(clip: dict, cfg: dict, rng: np.random.Generator, perm: np.ndarray, u_channels: list[int],
-            au_perm: np.ndarray | None = None) -> dict:
-    """Apply the configured augmentations (train.augment) in a fixed order."""
-    if rng.random() < cfg["mirror"]:
-        clip = mirror(clip, perm, u_channels, au_perm)
-    clip = time_shift(clip, cfg["time_shift_ms"], rng)
-    if rng.random() < 0.5:
-        clip = crop(clip, cfg["crop"], rng)
-    low, high = cfg["speed"]
-    clip = speed(clip, low, high, rng)
-    if cfg["noise"] > 0:
-        clip = noise(clip, cfg["noise"], rng)
-    return clip
+def noise(x: torch.Tensor, valid: torch.Tensor, sigma: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise on the real steps `valid` (B, T) of x (B, T, R, C), features normalised to unit
+    scale per channel; padding stays zero."""
+    n = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return x + sigma * n * valid[:, :, None, None]

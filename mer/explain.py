@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .batches import ClipTensors
 from .errors import UserError
 from .features import motion_magnitude
 from .predicting import load_models, run_cache
-from .training import Normaliser, collate, load_clips
+from .training import Normaliser, load_clips
 
 log = logging.getLogger("mer.explain")
 
@@ -47,9 +48,7 @@ def explain(cfg: dict, name: str, sample: str, out: str | None, device: str = "c
         models = [m for m in models if m.fold == fold] or models
     roi_maps, time_maps, probs, au_maps = [], [], [], []
     for m in models:
-        clip = {"features": Normaliser(m.norm_scale)(clips.features[i]), "times_ms": clips.times[i],
-                "apex": clips.apex[i], "label": 0}
-        batch = {k: v.to(device) for k, v in collate([clip], ("x", "times", "mask")).items()}
+        batch = ClipTensors(clips.subset([i]), Normaliser(m.norm_scale), device, ("x", "times", "mask")).batch([0])
         with torch.no_grad():
             logits, att = m.model(batch["x"], batch["times"], batch["mask"], return_attention=True)
         probs.append(torch.softmax(logits, -1)[0].cpu().numpy())

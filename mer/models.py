@@ -9,7 +9,7 @@ training loop needs no model-specific code:
   sequence classifies from a CLS token.
 - ``ApexCNN``: an onset-apex baseline (STSTNet / OFF-ApexNet style) on one dense flow map.
 
-Batch contract (see the preprocessing cache and the training collate):
+Batch contract (see the preprocessing cache and mer/batches.py):
     x     float32 (B, T, R, C)  per-step, per-ROI motion channels
     times float32 (B, T)        ms since the first frame
     mask  bool    (B, T)        True for real steps, False for padding

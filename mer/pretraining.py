@@ -48,11 +48,10 @@ def hide(mask: torch.Tensor, n_rois: int, p_steps: float, p_rois: float, gen: to
     """(hidden_steps (B, T), hidden_rois (B, T, R)) drawn on real steps only; at least one step
     of every clip stays visible."""
     b, t = mask.shape
-    steps = (torch.rand(b, t, generator=gen) < p_steps) & mask
-    keep_one = steps.sum(1) >= mask.sum(1)  # every real step hidden: show the first one
-    if keep_one.any():
-        steps[keep_one, 0] = False
-    rois = (torch.rand(b, t, n_rois, generator=gen) < p_rois) & mask[..., None] & ~steps[..., None]
+    steps = (torch.rand(b, t, generator=gen, device=mask.device) < p_steps) & mask
+    steps[:, 0] &= steps.sum(1) < mask.sum(1)  # every real step hidden: show the first one
+    rois = torch.rand(b, t, n_rois, generator=gen, device=mask.device) < p_rois
+    rois &= mask[..., None] & ~steps[..., None]
     return steps, rois
 
 
@@ -70,7 +69,8 @@ def pretrain_fold(clips, cfg: dict, meta: dict, out: Path, device: str, fold: in
     from .config import save_config
     from .devices import deterministic_for, set_deterministic
     from .files import write_text_atomic
-    from .training import Normaliser, _seed_everything, batches, build, load_checkpoint, mirror_inputs, save_atomic
+    from .batches import ClipTensors, device_generator
+    from .training import Normaliser, _seed_everything, build, load_checkpoint, mirror_inputs, save_atomic
 
     p = pretrain_settings(cfg)
     final = out / "encoder.pt"
@@ -104,20 +104,17 @@ def pretrain_fold(clips, cfg: dict, meta: dict, out: Path, device: str, fold: in
         sched.load_state_dict(state["sched"])
         start, history = state["epoch"] + 1, state["history"]
         log.info("fold %d pretraining: resuming after epoch %d", fold, start)
-    perm, u = mirror_inputs(meta)
     aug = cfg["train"]["augment"]
-    keys = ("x", "times", "mask")
+    data = ClipTensors(clips, norm, device, ("x", "times", "mask"), mirror_with=mirror_inputs(meta))
     bar = tqdm(range(start, epochs), desc=f"pretrain fold {fold}", unit="ep", file=sys.stderr, initial=start,
                total=epochs, dynamic_ncols=True, disable=not progress)
     for epoch in bar:
         rng = _seed_everything(fold, -2, epoch)
-        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
+        gen = device_generator(device, int(rng.integers(0, 2**31 - 1)))
         model.train()
         total, n = torch.zeros((), device=device), 0
-        for batch in batches(clips, norm, int(p["batch_size"]), rng, aug, perm, u, keys=keys):
-            hidden_steps, hidden_rois = hide(batch["mask"], r, float(p["mask_steps"]), float(p["mask_rois"]), gen)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hs, hr = hidden_steps.to(device), hidden_rois.to(device)
+        for batch in data.shuffled(int(p["batch_size"]), rng, aug, gen):
+            hs, hr = hide(batch["mask"], r, float(p["mask_steps"]), float(p["mask_rois"]), gen)
             pred = model.reconstruct(batch["x"], batch["times"], batch["mask"], hr, hs)
             loss = masked_loss(pred, batch["x"], batch["mask"], hs, hr)
             opt.zero_grad(set_to_none=True)

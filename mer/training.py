@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import cache as C
-from .augment import augment, mirror
+from .batches import ClipTensors, device_generator
 from .blinks import suppress_blinks
 from .cli import cpu_count
 from .devices import jobs_that_fit
@@ -208,7 +208,7 @@ def load_or_make_folds(run_dir: Path, clips: ClipData, cfg: dict) -> np.ndarray:
     return folds
 
 
-# ----------------------------------------------------------------------------- batches
+# ----------------------------------------------------------------------------- feature scale
 
 class Normaliser:
     """Per-channel scale of the features (std over the training steps); no centring, so zero
@@ -224,68 +224,6 @@ class Normaliser:
 
     def __call__(self, f: np.ndarray) -> np.ndarray:
         return f / self.scale
-
-
-BATCH_KEYS = ("x", "times", "mask", "apex", "label", "au", "au_known")
-
-
-def collate(items: list[dict], keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, torch.Tensor]:
-    """Pad a list of clips to the longest: x (B,T,R,C), times (B,T), mask (B,T), apex, label and,
-    when the clips carry AU targets, au (B,V) and au_known (B,); only `keys` are built."""
-    out: dict[str, torch.Tensor] = {}
-    if {"x", "times", "mask"} & set(keys):
-        t_max = max(len(it["times_ms"]) for it in items)
-        b = len(items)
-        r, c = items[0]["features"].shape[1:]
-        x = np.zeros((b, t_max, r, c), np.float32)
-        times = np.zeros((b, t_max), np.float32)
-        mask = np.zeros((b, t_max), bool)
-        for i, it in enumerate(items):
-            n = len(it["times_ms"])
-            x[i, :n], times[i, :n], mask[i, :n] = it["features"], it["times_ms"], True
-        out.update(x=torch.from_numpy(x), times=torch.from_numpy(times), mask=torch.from_numpy(mask))
-    if "apex" in keys:
-        out["apex"] = torch.from_numpy(np.stack([it["apex"] for it in items]))
-    if "label" in keys:
-        out["label"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
-    if "au" in keys and "au" in items[0]:
-        out["au"] = torch.from_numpy(np.stack([it["au"] for it in items]))
-        out["au_known"] = torch.tensor([it["au_known"] for it in items], dtype=torch.bool)
-    return {k: v for k, v in out.items() if k in keys}
-
-
-def batches(clips: ClipData, norm: Normaliser, batch_size: int, rng: np.random.Generator | None = None,
-            aug: dict | None = None, perm: np.ndarray | None = None, u_channels: list[int] | None = None, *,
-            keys: tuple[str, ...] = BATCH_KEYS, au: tuple[np.ndarray, np.ndarray] | None = None,
-            flip: bool = False, au_perm: np.ndarray | None = None):
-    """Batches of a ClipData; shuffled and augmented when an RNG is given (training).
-
-    Training batches group clips of similar length (sorted within shuffled pools of 16 batches)
-    so little time goes into padding. au: (targets (N, V), known (N,)) for the AU head;
-    flip: every clip mirrored (test-time mirroring), exactly as the mirror augmentation does."""
-    if rng is None:
-        groups = [np.arange(s, min(s + batch_size, len(clips))) for s in range(0, len(clips), batch_size)]
-    else:
-        order, pool = rng.permutation(len(clips)), batch_size * 16
-        groups = []
-        for s in range(0, len(order), pool):
-            chunk = order[s:s + pool]
-            chunk = chunk[np.argsort([len(clips.times[i]) for i in chunk], kind="stable")]
-            groups += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-        groups = [groups[i] for i in rng.permutation(len(groups))]
-    for group in groups:
-        items = []
-        for i in group:
-            clip = {"features": norm(clips.features[i]), "times_ms": clips.times[i],
-                    "apex": clips.apex[i], "label": int(clips.labels[i])}
-            if au is not None:
-                clip["au"], clip["au_known"] = au[0][i], bool(au[1][i])
-            if flip:
-                clip = mirror(clip, perm, u_channels, au_perm)
-            if rng is not None and aug is not None:
-                clip = augment(clip, aug, rng, perm, u_channels, au_perm)
-            items.append(clip)
-        yield collate(items, keys)
 
 
 # ----------------------------------------------------------------------------- AU targets
@@ -362,30 +300,33 @@ def mirror_inputs(meta: dict) -> tuple[np.ndarray, list[int]]:
     return mirror_permutation(roi_specs(meta["rois"])), [i for i, c in enumerate(meta["channels"]) if c == "u"]
 
 
-def predict_heads(model: nn.Module, clips: ClipData, norm: Normaliser, device: str, batch_size: int = 64,
-                  tta: str = "none", mirror_with: tuple[np.ndarray, list[int]] | None = None,
+def predict_heads(model: nn.Module, clips: "ClipData | ClipTensors", norm: Normaliser, device: str,
+                  batch_size: int = 64, tta: str = "none", mirror_with: tuple[np.ndarray, list[int]] | None = None,
                   au_perm: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every head's logits on the clips, in their order: {'emotion': (N, K)[, 'au': (N, V)]}.
+    `clips` may already sit on the device (ClipTensors made with the model's inputs as keys).
 
     tta 'mirror': the mean of the logits of each clip and of its mirrored face (ROIs swapped with
     their twins, u negated; the apex map flipped), which mirror_with = (permutation, u channels)
     defines; the mirrored pass's sided AU logits are swapped back (au_perm) before the mean."""
     if tta not in ("none", "mirror"):
         raise UserError(f"predict.tta must be mirror or none, got '{tta}'")
-    if tta == "mirror" and mirror_with is None:
+    if isinstance(clips, ClipTensors):
+        data = clips
+    else:
+        data = ClipTensors(clips, norm, device, tuple(getattr(model, "inputs", ("x", "times", "mask"))),
+                           mirror_with=mirror_with)
+    if tta == "mirror" and data.perm is None:
         raise ValueError("tta='mirror' needs mirror_with=(ROI permutation, u channels)")
-    keys = tuple(getattr(model, "inputs", ("x", "times", "mask")))
     model.eval()
     passes = []
     with torch.no_grad():
         for flip in ([False, True] if tta == "mirror" else [False]):
-            outs: dict[str, list[np.ndarray]] = {}
-            perm, u = mirror_with or (None, None)
-            for batch in batches(clips, norm, batch_size, perm=perm, u_channels=u, keys=keys, flip=flip):
-                heads = model.forward_heads({k: v.to(device) for k, v in batch.items()})
-                for k, v in heads.items():
-                    outs.setdefault(k, []).append(v.float().cpu().numpy())
-            got = {k: np.concatenate(v) for k, v in outs.items()}
+            outs: dict[str, list[torch.Tensor]] = {}
+            for batch in data.in_order(batch_size, flip=flip):
+                for k, v in model.forward_heads(batch).items():
+                    outs.setdefault(k, []).append(v.float())
+            got = {k: torch.cat(v).cpu().numpy() for k, v in outs.items()}  # one read-back per head
             if flip and au_perm is not None and "au" in got:
                 got["au"] = got["au"][:, au_perm]
             passes.append(got)
@@ -394,8 +335,8 @@ def predict_heads(model: nn.Module, clips: ClipData, norm: Normaliser, device: s
     return {k: np.mean([p[k] for p in passes], 0) for k in passes[0]}
 
 
-def predict_logits(model: nn.Module, clips: ClipData, norm: Normaliser, device: str, batch_size: int = 64,
-                   tta: str = "none", mirror_with: tuple[np.ndarray, list[int]] | None = None) -> np.ndarray:
+def predict_logits(model: nn.Module, clips: "ClipData | ClipTensors", norm: Normaliser, device: str,
+                   batch_size: int = 64, tta: str = "none", mirror_with: tuple[np.ndarray, list[int]] | None = None) -> np.ndarray:
     """Emotion logits (N, K) of the clips (see predict_heads)."""
     return predict_heads(model, clips, norm, device, batch_size, tta, mirror_with)["emotion"]
 
@@ -426,6 +367,9 @@ class Setup:
     keys: tuple[str, ...]
     epochs: int
     n_extra: int
+    train_data: ClipTensors  # the training clips on the device, with the AU targets (augmented per batch)
+    oof_data: ClipTensors    # the held-out fold on the device (scored every epoch, then written)
+    select_data: ClipTensors | None
 
 
 def _setup(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, meta: dict, device: str,
@@ -474,9 +418,14 @@ def _setup(clips: ClipData, folds: np.ndarray, fold: int, seed: int, cfg: dict, 
         au_loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32).to(device),
                                        reduction="none")
         keys += ("au", "au_known")
+    au_perm = au_mirror_permutation(vocab) if vocab else None
+    mirror_with = mirror_inputs(meta)
+    inputs = tuple(model.inputs)  # only what the model reads goes to the device
     return Setup(train_set, oof_set, select_set, norm, model, opt, sched, loss_fn, vocab, au_loss, au_train,
-                 au_mirror_permutation(vocab) if vocab else None, mirror_inputs(meta), keys,
-                 epochs_for(len(train_set), tcfg), n_extra)
+                 au_perm, mirror_with, keys, epochs_for(len(train_set), tcfg), n_extra,
+                 ClipTensors(train_set, norm, device, keys, au_train, mirror_with, au_perm),
+                 ClipTensors(oof_set, norm, device, inputs, mirror_with=mirror_with),
+                 ClipTensors(select_set, norm, device, inputs) if select_set is not None else None)
 
 
 def load_encoder(model: nn.Module, encoder: dict, path: Path) -> None:
@@ -498,20 +447,17 @@ def _autocast(device: str, amp: bool):
 
 
 def _epoch(st: Setup, cfg: dict, device: str, rng: np.random.Generator, amp: bool) -> dict:
-    """One pass over the training clips. Batches are built (augmented) first and moved to the
-    device in one go; the loss is read back once, at the end."""
+    """One pass over the training clips, kept on the device: each batch is gathered and augmented
+    there; the loss is read back once, at the end."""
     tcfg = cfg["train"]
     aus = au_settings(tcfg)
-    perm, u = st.mirror_with
     st.model.train()
     t0 = time.time()
-    prepared = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
-                for b in batches(st.train_set, st.norm, tcfg["batch_size"], rng, tcfg["augment"], perm, u,
-                                 keys=st.keys, au=st.au_train, au_perm=st.au_perm)]
+    gen = device_generator(device, int(rng.integers(0, 2**63 - 1)))
     total = torch.zeros((), device=device)
     au_total = torch.zeros((), device=device)
     n = 0
-    for batch in prepared:
+    for batch in st.train_data.shuffled(tcfg["batch_size"], rng, tcfg["augment"], gen):
         with _autocast(device, amp):
             heads = st.model.forward_heads(batch)
             loss = st.loss_fn(heads["emotion"].float(), batch["label"])
@@ -613,10 +559,10 @@ def _diagnostics(st: Setup, device: str, n_classes: int) -> dict:
     checkpoint) and on the inner selection split (train.select: inner_val)."""
     row = {}
     if len(st.oof_set):
-        s = scores(st.oof_set.labels, predict_logits(st.model, st.oof_set, st.norm, device).argmax(1), n_classes)
+        s = scores(st.oof_set.labels, predict_logits(st.model, st.oof_data, st.norm, device).argmax(1), n_classes)
         row.update(heldout_uf1=s["uf1"], heldout_uar=s["uar"], heldout_acc=s["acc"])
     if st.select_set is not None:
-        pred = predict_logits(st.model, st.select_set, st.norm, device).argmax(1)
+        pred = predict_logits(st.model, st.select_data, st.norm, device).argmax(1)
         row["select_uf1"] = scores(st.select_set.labels, pred, n_classes)["uf1"]
     return row
 
@@ -635,7 +581,7 @@ def _score_held_out(st: Setup, fold: int, seed: int, cfg: dict, device: str, n_c
     """Out-of-fold logits written to `path` (test-time mirroring as predict.tta says); the result
     record with the fold's scores."""
     tta = cfg.get("predict", {}).get("tta", "none")
-    heads = predict_heads(st.model, st.oof_set, st.norm, device, tta=tta, mirror_with=st.mirror_with,
+    heads = predict_heads(st.model, st.oof_data, st.norm, device, tta=tta, mirror_with=st.mirror_with,
                           au_perm=st.au_perm)
     write_oof(path, st.oof_set, fold, seed, heads, n_classes, st.au_vocab)
     result = {"fold": fold, "seed": seed, "n_train": len(st.train_set), "n_extra": st.n_extra,

@@ -37,12 +37,10 @@ def test_mirror_tta_is_the_mean_of_the_plain_and_mirrored_passes(synth_cache):
     mw = (perm, [0])
     plain = predict_logits(model, clips, norm, "cpu")
     both = predict_logits(model, clips, norm, "cpu", tta="mirror", mirror_with=mw)
-    from mer.augment import mirror
-
+    u_negated = np.array([-1, 1, 1, 1], np.float32)  # the mirrored face, written out: ROIs swapped, u negated
     flipped = ClipData(clips.samples, clips.subjects, clips.labels,
-                       [mirror({"features": f}, perm, [0])["features"] for f in clips.features], clips.times,
-                       [mirror({"features": f[None], "apex": a}, perm, [0])["apex"] for f, a in
-                        zip(clips.features, clips.apex)], clips.manifest)
+                       [f[:, perm] * u_negated for f in clips.features], clips.times,
+                       [a[:, :, ::-1] * u_negated[:3, None, None] for a in clips.apex], clips.manifest)
     mirrored = predict_logits(model, flipped, norm, "cpu")
     np.testing.assert_allclose(both, (plain + mirrored) / 2, atol=1e-5)
     assert not np.allclose(plain, mirrored, atol=1e-4)  # the mirror pass is a different input
@@ -165,7 +163,7 @@ def test_one_training_step_evaluation_and_explain_on_the_meta_device(synth_cache
     """Model and data on 'meta' (shapes only, no memory): any stray CPU tensor in the training
     loop, the evaluation or --explain's computations raises, as it would on a GPU."""
     from mer.explain import au_roi_share
-    from mer.training import _epoch, _setup, batches
+    from mer.training import _epoch, _setup
 
     cfg, cdir = synth_cache
     clips = load_clips(cdir, "train")
@@ -177,7 +175,8 @@ def test_one_training_step_evaluation_and_explain_on_the_meta_device(synth_cache
     with pytest.raises(RuntimeError, match=r"item\(\) cannot be called on meta tensors"):
         _epoch(st, cfg, "meta", np.random.default_rng(0), amp=False)
     assert st.opt.state and all(v["exp_avg"].device.type == "meta" for v in st.opt.state.values())
-    batch = {k: v.to("meta") for k, v in next(iter(batches(st.oof_set, st.norm, 4, keys=st.keys))).items()}
+    assert st.train_data.x.device.type == st.oof_data.x.device.type == "meta"  # the clips live on the device
+    batch = next(st.oof_data.in_order(4))
     with torch.no_grad():
         heads = st.model.forward_heads(batch)  # evaluation
         logits, att = st.model(batch["x"], batch["times"], batch["mask"], return_attention=True)  # --explain

@@ -12,11 +12,12 @@ import torch
 
 from conftest import ROOT, kill_after_epoch
 from mer import cache as C
-from mer.augment import mirror
+from mer.augment import Draws, draw, mirror
+from mer.batches import ClipTensors
 from mer.errors import UserError
 from mer.face import template_landmarks
 from mer.features import MIRROR_68, RoiPooler, mirror_permutation, roi_boxes, roi_specs
-from mer.training import ClipData, load_clips, make_folds, train_one, load_or_make_folds
+from mer.training import ClipData, Normaliser, load_clips, make_folds, train_one, load_or_make_folds
 
 
 def test_short_training_beats_chance_out_of_fold(trained_runs):
@@ -87,10 +88,66 @@ def test_mirror_augmentation_equals_features_of_the_mirrored_face():
         layout = roi_boxes(landmarks, specs, size, 0.05, [28, 29, 30])
         return RoiPooler(layout.boxes, size, 0.25, channels)(fl)[None]
 
-    clip = {"features": features(flow, lm), "times_ms": np.zeros(1, np.float32)}
-    augmented = mirror(clip, mirror_permutation(specs), [0])["features"]
+    plain = torch.as_tensor(features(flow, lm))[None]  # a batch of one clip of one step
+    augmented = mirror({"x": plain}, torch.as_tensor(mirror_permutation(specs)), [0])["x"][0].numpy()
     np.testing.assert_allclose(augmented, features(mirrored_flow, mirrored_lm), atol=1e-5)
-    assert not np.allclose(augmented, clip["features"], atol=1e-3)  # mirroring did change the clip
+    assert not np.allclose(augmented, plain[0].numpy(), atol=1e-3)  # mirroring did change the clip
+
+
+def _clips(lengths: list[int], r: int = 3, c: int = 2, step: float = 10.0) -> ClipData:
+    rng = np.random.default_rng(0)
+    n = len(lengths)
+    return ClipData([f"c{i}" for i in range(n)], np.array(["s"] * n), np.arange(n) % 7,
+                    [rng.normal(size=(k, r, c)).astype(np.float32) for k in lengths],
+                    [(np.arange(k) * step).astype(np.float32) for k in lengths],
+                    [rng.normal(size=(3, 4, 4)).astype(np.float32) for _ in lengths], pd.DataFrame())
+
+
+def test_a_batch_on_the_device_is_the_clips_shifted_cut_retimed_and_mirrored_as_drawn():
+    """What ClipTensors.batch gathers on the device, against the same augmentation written out
+    clip by clip in numpy."""
+    clips = _clips([6, 9, 4])
+    perm, u = np.array([2, 1, 0]), [0]
+    norm = Normaliser(np.array([2.0, 0.5], np.float32))
+    data = ClipTensors(clips, norm, "cpu", mirror_with=(perm, u))
+    d = Draws(mirror=np.array([True, False, True]), shift=np.array([2, 0, 3]), cut=np.array([1, 4, 0]),
+              speed=np.array([1.1, 0.9, 1.0]))
+    got = data.batch(np.array([0, 1, 2]), d)
+    n_out = [6 + 2 - 1, 9 - 4, 4 + 3]
+    assert got["x"].shape == (3, max(n_out), 3, 2) and got["mask"].sum(1).tolist() == n_out
+    for b in range(3):
+        f, t = clips.features[b] / norm.scale, clips.times[b]
+        if d.mirror[b]:
+            f = f[:, perm] * np.array([-1.0, 1.0], np.float32)
+        k, n = d.shift[b], n_out[b]
+        want_x = np.concatenate([np.zeros((k, 3, 2), np.float32), f])[:n]
+        want_t = np.concatenate([np.arange(k) * 10.0, t + k * 10.0])[:n] * d.speed[b]
+        np.testing.assert_allclose(got["x"][b, :n].numpy(), want_x, atol=1e-6)
+        np.testing.assert_allclose(got["times"][b, :n].numpy(), want_t, rtol=1e-6)
+        assert not got["x"][b, n:].any() and not got["times"][b, n:].any()  # padding stays zero
+        apex = clips.apex[b][:, :, ::-1] * np.array([-1.0, 1, 1])[:, None, None] if d.mirror[b] else clips.apex[b]
+        np.testing.assert_allclose(got["apex"][b].numpy(), apex, atol=1e-6)
+    assert got["label"].tolist() == clips.labels.tolist()
+    noisy = data.batch(np.array([0, 1, 2]), d, noise_sigma=0.1, gen=torch.Generator().manual_seed(0))
+    delta = (noisy["x"] - got["x"])[got["mask"]]
+    assert 0.08 < float(delta.std()) < 0.12 and not noisy["x"][~got["mask"]].any()  # noise on real steps only
+    plain = ClipTensors(clips, norm, "cpu", keys=("x", "label")).batch(np.array([1]))
+    assert set(plain) == {"x", "label"}  # only the keys a model reads are built
+
+
+def test_augmentation_draws_keep_to_their_settings():
+    cfg = {"mirror": 0.5, "time_shift_ms": 30.0, "crop": 0.2, "speed": [0.85, 1.15], "noise": 0.02}
+    lengths = np.array([3, 10, 50, 200] * 500)
+    d = draw(lengths, np.full(len(lengths), 10.0), cfg, np.random.default_rng(0))
+    assert 0.45 < d.mirror.mean() < 0.55
+    assert d.shift[lengths == 3].max() == 0  # clips shorter than 4 steps are not shifted
+    assert set(d.shift[lengths > 3]) == {0, 1, 2, 3}  # up to 30 ms at 10 ms a step
+    shifted = lengths + d.shift
+    assert (shifted - d.cut >= 2).all() and (d.cut <= np.floor(0.2 * shifted)).all()
+    assert 0.45 < (d.cut[lengths == 200] == 0).mean() < 0.6  # half the clips are cut (a cut of 0 now and then)
+    assert d.speed.min() >= 0.85 and d.speed.max() <= 1.15
+    again = draw(lengths, np.full(len(lengths), 10.0), cfg, np.random.default_rng(0))
+    assert (again.shift == d.shift).all() and (again.speed == d.speed).all()  # seeded: reproducible
 
 
 def _state(path):
