@@ -56,17 +56,17 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = (
-    Row("default", "the defaults: full-sequence transformer with the AU head and blink masking, DIS medium at "
-                   "192 px on crops blurred by 0.6 px, 10 ms grid, similarity head motion, top 25%, channels u, v, "
-                   "mag, strain"),
+    Row("default", "the defaults: full-sequence transformer with the AU head and blink masking, Farneback flow "
+                   "at 192 px on crops blurred by 0.6 px, 10 ms grid, similarity head motion, top 25%, channels u, "
+                   "v, mag, strain"),
     Row("winner", "the winner's recipe: no AU head, no blink handling, unblurred crops (the defaults before "
                   "this project's additions; scored without per-class biases, as every trained row)",
         ("train.au_weight=0", "model.blink=none", "preprocess.flow_blur=0")),
-    Row("flow_farneback", "flow: Farneback instead of DIS", ("preprocess.flow=farneback",)),
+    Row("flow_dis", "flow: DIS (preset medium) instead of Farneback", ("preprocess.flow=dis",)),
     Row("flow_size_128", "flow computed on a 128 px crop", ("preprocess.flow_size=128",)),
     Row("flow_size_256", "flow computed on a 256 px crop", ("preprocess.flow_size=256",)),
-    Row("dis_fast", "DIS preset fast", ("preprocess.dis_preset=fast",)),
-    Row("dis_ultrafast", "DIS preset ultrafast", ("preprocess.dis_preset=ultrafast",)),
+    Row("dis_fast", "flow: DIS preset fast", ("preprocess.flow=dis", "preprocess.dis_preset=fast")),
+    Row("dis_ultrafast", "flow: DIS preset ultrafast", ("preprocess.flow=dis", "preprocess.dis_preset=ultrafast")),
     Row("flow_blur_0", "crops not blurred before the flow (a face filmed at the crop's size then gets no low-pass)",
         ("preprocess.flow_blur=0",)),
     Row("head_nose", "head motion: nose-ridge translation (the reference method)", ("preprocess.head_motion=nose",)),

@@ -20,8 +20,9 @@ METHODS = ("dis", "farneback")
 def make_flow(method: str = "dis", preset: str = "medium") -> FlowFn:
     """A function (ref, cur) -> (H, W, 2) float32 flow in pixels, ref(x) ~ cur(x + flow(x)).
 
-    DIS (Kroeger et al. 2016) is the default: several times faster than Farneback at equal or
-    better accuracy on sub-pixel facial motion (see README, benchmarks)."""
+    Farneback (2003; the reference method's flow) is the default: on sub-pixel facial motion its
+    field is smoother and less noisy away from the moving skin than DIS's (Kroeger et al. 2016),
+    which costs ~0.6x as much per call but trains worse models (README, Results)."""
     if method == "dis":
         if preset not in DIS_PRESETS:
             raise ValueError(f"preprocess.dis_preset must be one of {', '.join(DIS_PRESETS)}, got '{preset}'")
@@ -33,6 +34,7 @@ def make_flow(method: str = "dis", preset: str = "medium") -> FlowFn:
         return dis_flow
     if method == "farneback":
         def farneback_flow(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
+            # pyramid scale 0.5, 3 levels, 15 px window, 3 iterations, polynomial n 5 / sigma 1.2
             return cv2.calcOpticalFlowFarneback(ref, cur, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 
         return farneback_flow

@@ -11,11 +11,11 @@ def test_defaults_load_and_cover_every_stage():
 
 
 def test_set_overrides_parse_types():
-    cfg = load_config(overrides=["train.lr=1e-3", "train.epochs=7", "preprocess.flow=farneback",
+    cfg = load_config(overrides=["train.lr=1e-3", "train.epochs=7", "preprocess.flow=dis",
                                  "train.seeds=[4, 5]", "train.augment.mirror=0"])
     assert cfg["train"]["lr"] == pytest.approx(1e-3)
     assert cfg["train"]["epochs"] == 7
-    assert cfg["preprocess"]["flow"] == "farneback"
+    assert cfg["preprocess"]["flow"] == "dis"
     assert cfg["train"]["seeds"] == [4, 5]
     assert cfg["train"]["augment"]["mirror"] == 0.0 and isinstance(cfg["train"]["augment"]["mirror"], float)
 

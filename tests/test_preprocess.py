@@ -129,7 +129,7 @@ def test_mirror_permutation_pairs_left_and_right():
 def test_changing_a_setting_changes_the_cache_key(tmp_path):
     base = work_config(tmp_path)
     key = C.cache_key(base)
-    for k, v in [("flow", "farneback"), ("grid_ms", 20.0), ("top_frac", 0.3), ("crop_size", 192),
+    for k, v in [("flow", "dis"), ("grid_ms", 20.0), ("top_frac", 0.3), ("crop_size", 192),
                  ("rois", [{"name": "a", "landmarks": [48]}, {"name": "b", "landmarks": [54]}]), ("flow_blur", 0.0)]:
         cfg = work_config(tmp_path)
         cfg["preprocess"][k] = v
