@@ -24,7 +24,9 @@ def test_short_training_beats_chance_out_of_fold(trained_runs):
     cfg, runs = trained_runs
     rep = json.loads((runs["sequence"] / "report.json").read_text())
     assert rep["complete"] and rep["n_clips"] == 28
-    assert rep["ensemble"]["uf1"] > 0.5  # chance is ~0.14 for 7 balanced classes
+    # chance is ~0.14 for 7 balanced classes; one seed on these 28 clips scored 0.39 to 0.71 (six seeds,
+    # with the per-clip numpy augmentation and with today's on-device one alike)
+    assert rep["ensemble"]["uf1"] > 0.3
     for f in ("report.md", "per_class.csv", "confusion.png", "learning_curves.png", "oof_ensemble.csv",
               "folds.csv", "config.yaml"):
         assert (runs["sequence"] / f).is_file(), f
