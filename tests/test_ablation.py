@@ -47,8 +47,16 @@ def test_rows_bring_what_they_need():
     # a baseline that combines other rows brings those too
     names = [r.name for r in select_rows(["blink_interp_bias"])]
     assert names == ["default", "bias_nested", "blink_interp", "blink_interp_bias"]
-    with pytest.raises(ValueError, match="unknown row"):
+    with pytest.raises(ValueError, match="unknown row.*groups: core, all"):
         select_rows(["no_such_row"])
+    # the default is the core table: every choice the yardstick ranks, and what those rows need
+    core = [r.name for r in select_rows(None)]
+    assert core == [r.name for r in select_rows(["core"])]
+    for name in ("default", "flow_dis", "flow_size_128", "flow_size_256", "head_nose", "top_frac_0.1", "channels_uv",
+                 "channels_uv_mag", "grid_5ms", "grid_20ms", "apex_cnn", "seeds_1", "ens_apex_nested", "bias_nested"):
+        assert name in core
+    assert "pretrain" not in core and "pretrain" in [r.name for r in select_rows(["all"])]
+    assert [r.name for r in select_rows(["all", "pretrain"])] == [r.name for r in select_rows(["all"])]
 
 
 def test_ablation_end_to_end_streams_trains_scores_and_resumes(tmp_path, capsys):
@@ -60,13 +68,13 @@ def test_ablation_end_to_end_streams_trains_scores_and_resumes(tmp_path, capsys)
             "--bootstrap", "50", "--synth-set", "width=320", "--synth-set", "height=240",
             "--synth-set", "me_ms=[250,300]", "--synth-set", "neutral_ms=[40,60]", "--synth-set", "fps=[200]",
             "--extra-synth-set", "width=320", "--extra-synth-set", "height=240", "--extra-synth-set", "face_width=115",
-            "--set", "train.epochs=2", "--set", "train.min_steps=1", "--set", "train.folds=3", "--set", "model.sequence.depth=1",
+            "--folds", "3", "--set", "train.epochs=2", "--set", "train.min_steps=1", "--set", "model.sequence.depth=1",
             "--set", "model.sequence.dim=16", "--set", "model.sequence.heads=2"]
     main(args)
     table = capsys.readouterr().out
     for row in ("default", "channels_uv", "seeds_1", "tta_mirror", "extra_database"):
         assert f"| {row} |" in table
-    assert "UF1 with / without blinks" in table
+    assert "UF1 with / without blinks" in table and "3-fold subject-independent" in table
     result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
     rows = {r["row"]: r for r in result["table"]}
     assert result["n_clips"] == 21 and result["seeds"] == [0, 1]
