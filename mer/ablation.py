@@ -2,7 +2,8 @@
 
 A dfme-difficulty set is generated and streamed straight into preprocessing (frames are rendered in
 memory, once per clip for every preprocessing variant, and never written), each row of ROWS trains
-its folds x seeds, and every row is scored against the default on the same clips:
+its folds x seeds (CORE_ROWS by default, every row on request), and every row is scored against the
+default on the same clips:
 
 * UF1 and UAR of each seed's out-of-fold predictions (mean +- std over seeds),
 * UF1 of the seed ensemble (the mean of the seeds' probabilities, as predict.py combines them),
