@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .cli import setup_logging
+from .cli import run_main, setup_logging
 from .config import load_config
 from .errors import UserError
 
@@ -391,13 +391,24 @@ def bench_scan(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _fold_count(text: str) -> int:
+    """argparse type for --folds: an integer of 2 or more, refused before anything is generated."""
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of folds, got '{text}'") from None
+    if k < 2:
+        raise argparse.ArgumentTypeError(f"needs 2 folds or more, got {k}")
+    return k
+
+
 def add_ablation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ablate")
     g.add_argument("--rows", nargs="+", help="ablate: rows to run, or the groups core (the default: the "
                    "two-hour table) and all (every row); the default row and the rows "
                    "a row combines are always added)")
     g.add_argument("--subjects", type=int, default=40, help="ablate: generated subjects")
-    g.add_argument("--folds", type=int, default=3, help="ablate: subject-independent folds (train.folds; 3 keeps "
+    g.add_argument("--folds", type=_fold_count, default=3, help="ablate: subject-independent folds (train.folds; 3 keeps "
                    "the core table near two hours on 2 CPU cores, the calibration tables used 5)")
     g.add_argument("--difficulty", default="dfme", help="ablate: generator preset")
     g.add_argument("--synth-set", action="append", default=[], metavar="FIELD=VALUE",
@@ -438,7 +449,10 @@ def bench_ablate(args: argparse.Namespace) -> None:
     extra_sets = overrides(args.extra_synth_set, "--extra-synth-set", {"difficulty": "(its name: casme3like)"})
     if "subjects" in extra_sets:
         extra_sets.setdefault("split_subjects", (extra_sets["subjects"], 0, 0))
-    rows = select_rows(args.rows)
+    try:
+        rows = select_rows(args.rows)
+    except ValueError as e:
+        raise UserError(f"--rows: {e}") from None
     if extra_sets and not any(r.extra for r in rows):
         log.warning("--extra-synth-set: no selected row trains with the extra database; ignored")
     try:  # both generated sets checked now, not after the first one has been rendered
@@ -450,8 +464,8 @@ def bench_ablate(args: argparse.Namespace) -> None:
     seeds = args.seeds if args.seeds_given else [0, 1, 2]
     work = Path(args.work or Path(tempfile.gettempdir()) / f"mer_ablate_{args.difficulty}_{args.clips}_{args.seed}")
     table = run_ablation(work, synth, rows, seeds, workers=args.workers or cpu_count(), device=args.device,
-                         jobs=args.jobs, base_sets=[f"train.folds={args.folds}", *args.set], out=Path(args.out) if args.out else None,
-                         n_boot=args.bootstrap, extra_synth_sets=extra_sets)
+                         jobs=args.jobs, base_sets=[f"train.folds={args.folds}", *args.set],
+                         out=Path(args.out) if args.out else None, n_boot=args.bootstrap, extra_synth_sets=extra_sets)
     print((Path(args.out) if args.out else work / "ablation").with_suffix(".md").read_text())
     del table
 
@@ -502,4 +516,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

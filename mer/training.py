@@ -173,6 +173,8 @@ def make_folds(clips: ClipData, k: int, protocol: str, seed: int = 0) -> np.ndar
     if protocol == "loso":
         splitter = LeaveOneGroupOut()
     elif protocol == "kfold":
+        if k < 2:
+            raise UserError(f"train.folds must be 2 or more, got {k} (train.protocol=loso for one fold per subject)")
         if n_subjects < k:
             raise UserError(f"train.folds={k} but only {n_subjects} subjects: lower train.folds")
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)

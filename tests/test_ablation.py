@@ -2,11 +2,14 @@
 end-to-end run on a tiny streamed set, with resume."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import ROOT
 from mer.ablation import bootstrap_ci, bootstrap_diff, combine_nested, select_rows
 from mer.metrics import uf1
 
@@ -112,3 +115,14 @@ def test_a_generator_setting_that_does_not_exist_is_named(tmp_path):
     with pytest.raises(UserError, match="--synth-set subjects=6: subjects has its own option, --subjects"):
         main(["ablate", "--work", str(tmp_path), "--clips", "8", "--synth-set", "subjects=6"])
     assert not any(tmp_path.iterdir())  # refused before anything was generated
+
+
+def test_bad_rows_and_folds_are_one_line_errors_before_anything_is_generated(tmp_path):
+    for args, said in ((["--rows", "nope"], "error: --rows: unknown row(s) nope; rows: default"),
+                       (["--folds", "1"], "argument --folds: needs 2 folds or more, got 1"),
+                       (["--folds", "x"], "argument --folds: expected a number of folds, got 'x'")):
+        out = subprocess.run([sys.executable, "-m", "mer.bench", "ablate", "--work", str(tmp_path), "--clips", "8",
+                              *args], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 2 and said in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not any(tmp_path.iterdir())
+

@@ -58,6 +58,8 @@ def test_folds_are_subject_disjoint_and_stratified():
     assert len(set(loso)) == 20 and (pd.Series(loso).groupby(clips.subjects).nunique() == 1).all()
     with pytest.raises(UserError, match="only 20 subjects"):
         make_folds(clips, 30, "kfold")
+    with pytest.raises(UserError, match="train.folds must be 2 or more, got 1"):
+        make_folds(clips, 1, "kfold")
 
 
 def test_fold_membership_is_saved_and_reused(tmp_path, synth_cache):
