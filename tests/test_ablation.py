@@ -56,7 +56,7 @@ def test_rows_bring_what_they_need():
     core = [r.name for r in select_rows(None)]
     assert core == [r.name for r in select_rows(["core"])]
     for name in ("default", "flow_dis", "flow_size_128", "flow_size_256", "head_nose", "top_frac_0.1", "channels_uv",
-                 "channels_uv_mag", "grid_5ms", "grid_20ms", "apex_cnn", "seeds_1", "ens_apex_nested", "bias_nested"):
+                 "channels_uv_mag", "grid_10ms", "grid_40ms", "apex_cnn", "seeds_1", "ens_apex_nested", "bias_nested"):
         assert name in core
     assert "pretrain" not in core and "pretrain" in [r.name for r in select_rows(["all"])]
     assert [r.name for r in select_rows(["all", "pretrain"])] == [r.name for r in select_rows(["all"])]

@@ -60,7 +60,7 @@ def test_cache_round_trip(synth_cache):
         np.testing.assert_array_equal(cached[k], fresh[k], err_msg=k)
     t = cached["times_ms"]
     assert cached["features"].shape == (len(t), 18, 4)
-    assert np.allclose(np.diff(t), 10, atol=2.5)  # a 10 ms grid whatever the fps
+    assert np.allclose(np.diff(t), cfg["preprocess"]["grid_ms"], atol=2.5)  # the ms grid whatever the fps
     assert cached["apex_map"].shape == (3, 64, 64)
     assert int(cached["apex_annotated_frame"]) == int(r["apex"])
 
@@ -129,7 +129,7 @@ def test_mirror_permutation_pairs_left_and_right():
 def test_changing_a_setting_changes_the_cache_key(tmp_path):
     base = work_config(tmp_path)
     key = C.cache_key(base)
-    for k, v in [("flow", "dis"), ("grid_ms", 20.0), ("top_frac", 0.3), ("crop_size", 192),
+    for k, v in [("flow", "dis"), ("grid_ms", 10.0), ("top_frac", 0.3), ("crop_size", 192),
                  ("rois", [{"name": "a", "landmarks": [48]}, {"name": "b", "landmarks": [54]}]), ("flow_blur", 0.0)]:
         cfg = work_config(tmp_path)
         cfg["preprocess"][k] = v
