@@ -583,13 +583,13 @@ def test_blink_free_apex_skips_the_blink_that_max_motion_picks(tmp_path, caplog)
         frames[mode] = res["times_ms"][list(res["frame_numbers"]).index(apex[mode])]
         maps[mode] = res["apex_map"]
     # every clip keeps every choice's frame, and its map where it is not apex_map's: training picks one
-    for mode in ("max_motion", "blink_free"):
-        assert int(res[f"apex_frame_{mode}"]) == apex[mode]
-        np.testing.assert_array_equal(res[f"apex_map_{mode}"], maps[mode])
-    assert int(res["apex_frame_spotted"]) == apex["spotted"] and "apex_map_spotted" not in res
     from mer.training import apex_map_of
 
-    np.testing.assert_array_equal(apex_map_of(res, "spotted", Path("c.npz")), res["apex_map"])
+    for mode in ("max_motion", "blink_free", "spotted"):
+        assert int(res[f"apex_frame_{mode}"]) == apex[mode]
+        np.testing.assert_array_equal(apex_map_of(res, mode, Path("c.npz")), maps[mode])
+        assert (f"apex_map_{mode}" in res) == (apex[mode] != apex["spotted"]), mode  # no copy of apex_map
+    assert apex["max_motion"] != apex["spotted"]  # the blink's frame: a map of its own
     with pytest.raises(UserError, match="holds no 'spotted' apex map"):
         apex_map_of({"apex_map": res["apex_map"]}, "spotted", Path("c.npz"))
     def closed(ms):
