@@ -137,17 +137,24 @@ def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpe
 
     names: the folder's file names when they are already known (from the walk that indexed the
     tree), so that a folder is never listed twice."""
-    exts = {e.lower() for e in exts}
     folder = Path(folder)
+    return [folder / n for _, n in numbered_frames(folder, exts, names)]
+
+
+def numbered_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpeg", ".bmp"),
+                    names: Iterable[str] | None = None) -> list[tuple[int, str]]:
+    """(frame number, file name) of a folder's image files, sorted by number (list_frames' order);
+    each name parsed once: a clip folder holds hundreds of files."""
+    exts = {e.lower() for e in exts}
     if names is None and _LISTED is not None:  # inside load_dataset: listed once, whoever asks first
         names = _list_dir(str(folder))[1]
     if names is None:
         names = [e.name for e in os.scandir(folder) if e.is_file()]
-    numbered = []  # (number, name): a clip folder holds hundreds of files, each parsed once
+    numbered = []
     for n in names:
         if os.path.splitext(n)[1].lower() in exts and (number := frame_number(n)) is not None:
             numbered.append((number, n))
-    return [folder / n for _, n in sorted(numbered)]
+    return sorted(numbered)
 
 
 _LISTED: dict | None = None  # while load_dataset runs: folder -> (sub-folders, files), each listed once

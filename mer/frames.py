@@ -7,6 +7,7 @@ a benchmark stream thousands of generated clips without writing them to disk.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -14,7 +15,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from .data import frame_number, list_frames
+from .data import numbered_frames
 
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
@@ -43,7 +44,7 @@ class FrameSource(Protocol):
 class FolderFrames:
     """Image files of a folder, sorted by the number in their names."""
 
-    paths: list[Path]
+    paths: list[str]
     numbers: np.ndarray
 
     @classmethod
@@ -51,8 +52,9 @@ class FolderFrames:
            end: float = np.nan, names: tuple[str, ...] | None = None) -> "FolderFrames":
         """The frames of `folder`, limited to frame numbers start..end when both are given;
         names: its file names if already listed (else the folder is listed)."""
-        paths = list_frames(folder, exts, names)
-        numbers = np.array([frame_number(f) for f in paths], np.float64)
+        numbered = numbered_frames(folder, exts, names)
+        numbers = np.array([n for n, _ in numbered], np.float64)
+        paths = [os.path.join(folder, f) for _, f in numbered]  # plain strings: cv2 takes them as they are
         if not np.isnan(start) and not np.isnan(end):
             keep = (numbers >= start) & (numbers <= end)
             paths, numbers = [f for f, k in zip(paths, keep) if k], numbers[keep]
@@ -63,12 +65,12 @@ class FolderFrames:
 
     def read(self, i: int, reduce: int = 1) -> np.ndarray | None:
         path = self.paths[i]
-        if reduce > 1 and path.suffix.lower() in (".jpg", ".jpeg"):
-            return cv2.imread(str(path), _REDUCED[min(reduce, 8)])
-        return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if reduce > 1 and path.lower().endswith((".jpg", ".jpeg")):
+            return cv2.imread(path, _REDUCED[min(reduce, 8)])
+        return cv2.imread(path, cv2.IMREAD_GRAYSCALE)
 
     def name(self, i: int) -> str:
-        return self.paths[i].name
+        return os.path.basename(self.paths[i])
 
 
 def write_video_frames(video: str | Path, folder: str | Path, ext: str = ".png", digits: int = 5) -> tuple[int, float]:
