@@ -123,6 +123,7 @@ class Dataset:
 # --------------------------------------------------------------------------- frames on disk
 
 _DIGITS = re.compile(r"\d+")
+FRAME_EXTS = (".png", ".jpg", ".jpeg", ".bmp")  # frame files where no data.image_exts is passed
 
 
 def frame_number(path: str | Path) -> int | None:
@@ -131,7 +132,7 @@ def frame_number(path: str | Path) -> int | None:
     return int(nums[-1]) if nums else None
 
 
-def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpeg", ".bmp"),
+def list_frames(folder: str | Path, exts: Iterable[str] = FRAME_EXTS,
                 names: Iterable[str] | None = None) -> list[Path]:
     """Image files of a folder sorted by their frame number (not lexically: 2 < 10).
 
@@ -141,7 +142,7 @@ def list_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpe
     return [folder / n for _, n in numbered_frames(folder, exts, names)]
 
 
-def numbered_frames(folder: str | Path, exts: Iterable[str] = (".png", ".jpg", ".jpeg", ".bmp"),
+def numbered_frames(folder: str | Path, exts: Iterable[str] = FRAME_EXTS,
                     names: Iterable[str] | None = None) -> list[tuple[int, str]]:
     """(frame number, file name) of a folder's image files, sorted by number (list_frames' order);
     each name parsed once: a clip folder holds hundreds of files."""

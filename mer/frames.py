@@ -15,7 +15,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from .data import numbered_frames
+from .data import FRAME_EXTS, numbered_frames
 
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
@@ -48,7 +48,7 @@ class FolderFrames:
     numbers: np.ndarray
 
     @classmethod
-    def of(cls, folder: str | Path, exts=(".png", ".jpg", ".jpeg", ".bmp"), start: float = np.nan,
+    def of(cls, folder: str | Path, exts=FRAME_EXTS, start: float = np.nan,
            end: float = np.nan, names: tuple[str, ...] | None = None) -> "FolderFrames":
         """The frames of `folder`, limited to frame numbers start..end when both are given;
         names: its file names if already listed (else the folder is listed)."""

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import cache as C
 from .errors import UserError
 from .blinks import blink_score, eyelid_rois, suppress_blinks
-from .data import TEST_SPLITS, Dataset, table_fingerprint
+from .data import FRAME_EXTS, TEST_SPLITS, Dataset, table_fingerprint
 from .face import Cropper, Detection, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
 from .features import (APEX_FRAMES, HeadMotion, Motion, RoiPooler, grid_frames, motion_magnitude, roi_boxes,
                        roi_specs, spot_apex_score)
@@ -47,7 +47,7 @@ class Clip:
     start_frame: float = np.nan
     end_frame: float = np.nan
     apex: float = np.nan
-    exts: tuple = (".png", ".jpg", ".jpeg", ".bmp")
+    exts: tuple = FRAME_EXTS
     files: tuple[str, ...] | None = None  # the folder's frame file names, listed once when the data was read
 
     @property

@@ -125,4 +125,3 @@ def test_bad_rows_and_folds_are_one_line_errors_before_anything_is_generated(tmp
                               *args], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 2 and said in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not any(tmp_path.iterdir())
-
