@@ -126,7 +126,7 @@ def _floors(ex, clip, res: dict, cfg: dict) -> tuple[float, float]:
     imgs = [frames.read(i, crop.factor) for i, n in enumerate(frames.numbers) if int(n) in wanted]
     decode = (time.process_time() - t0) / max(len(imgs), 1) * float(res["frames_read"])
     crops = [crop(img, first.shape) for img in imgs[:: max(1, len(imgs) // 8)]]
-    flow = make_flow(p["flow"], p["dis_preset"])
+    flow = make_flow(p["flow"], p["dis_preset"], p.get("farneback_levels", 3), p.get("farneback_iters", 3))
     t0 = time.process_time()
     for c in crops[1:]:
         flow(crops[0], c)
@@ -144,7 +144,9 @@ def bench_preprocess(args: argparse.Namespace) -> None:
     cv2.setNumThreads(1)
     cfg = load_config(args.config, args.set)
     p = cfg["preprocess"]
-    print(f"preprocess benchmark: flow={p['flow']} ({p['dis_preset']}) at {p['flow_size']} px, grid {p['grid_ms']:g} ms, "
+    flow = (f"farneback ({p['farneback_levels']} levels, {p['farneback_iters']} iterations)" if p["flow"] == "farneback"
+            else f"dis ({p['dis_preset']})")
+    print(f"preprocess benchmark: flow {flow} at {p['flow_size']} px, grid {p['grid_ms']:g} ms, "
           f"head motion {p['head_motion']}; generated clips (easy preset), {args.limit} per frame kind")
     ex = Extractor(cfg)  # the CPU path: decoding and flow are CPU work on every machine
     ex.landmarker  # model loading is once per worker, not per clip: keep it out of the timings

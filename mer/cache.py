@@ -32,7 +32,9 @@ MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "rea
 
 
 NOT_IN_KEY = {"cache_dir", "fan_worker_mb"}  # preprocess settings that say where or how fast, not what
-OFF_NOT_IN_KEY = {"flow_blur"}  # settings added later: off, they leave the key (and older caches) as it was
+# Settings added later: at the value the code used before they existed, they leave the key (and
+# older caches) as it was.
+ADDED_LATER = {"flow_blur": 0.0, "farneback_levels": 3, "farneback_iters": 3}
 
 
 def feature_settings(cfg: dict) -> dict:
@@ -41,7 +43,7 @@ def feature_settings(cfg: dict) -> dict:
     from .features import roi_specs
 
     settings = {k: v for k, v in cfg["preprocess"].items()
-                if k not in NOT_IN_KEY and not (k in OFF_NOT_IN_KEY and not v)}
+                if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     settings["rois"] = roi_specs(settings["rois"])  # 'default' resolved: its definition counts
     return {"preprocess": settings, "version": FEATURE_VERSION}
 

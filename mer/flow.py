@@ -17,12 +17,14 @@ DIS_PRESETS = {
 METHODS = ("dis", "farneback")
 
 
-def make_flow(method: str = "dis", preset: str = "medium") -> FlowFn:
+def make_flow(method: str = "dis", preset: str = "medium", levels: int = 3, iterations: int = 3) -> FlowFn:
     """A function (ref, cur) -> (H, W, 2) float32 flow in pixels, ref(x) ~ cur(x + flow(x)).
 
     Farneback (2003; the reference method's flow) is the default: on sub-pixel facial motion its
     field is smoother and less noisy away from the moving skin than DIS's (Kroeger et al. 2016),
-    which costs ~0.6x as much per call but trains worse models (README, Results)."""
+    which costs ~0.6x as much per call but trains worse models (README, Results). `levels` and
+    `iterations`: Farneback's pyramid levels and iterations per level (the cost is about linear in
+    the iterations; micro-motion is a pixel or two, which one level reads)."""
     if method == "dis":
         if preset not in DIS_PRESETS:
             raise ValueError(f"preprocess.dis_preset must be one of {', '.join(DIS_PRESETS)}, got '{preset}'")
@@ -33,9 +35,13 @@ def make_flow(method: str = "dis", preset: str = "medium") -> FlowFn:
 
         return dis_flow
     if method == "farneback":
+        for name, value in (("farneback_levels", levels), ("farneback_iters", iterations)):
+            if not (isinstance(value, int) and 1 <= value <= 10):
+                raise ValueError(f"preprocess.{name} must be an integer from 1 to 10, got {value!r}")
+
         def farneback_flow(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
-            # pyramid scale 0.5, 3 levels, 15 px window, 3 iterations, polynomial n 5 / sigma 1.2
-            return cv2.calcOpticalFlowFarneback(ref, cur, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+            # pyramid scale 0.5, 15 px window, polynomial n 5 / sigma 1.2
+            return cv2.calcOpticalFlowFarneback(ref, cur, None, 0.5, levels, 15, iterations, 5, 1.2, 0)
 
         return farneback_flow
     raise ValueError(f"preprocess.flow must be one of {', '.join(METHODS)}, got '{method}'")

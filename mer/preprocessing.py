@@ -102,7 +102,7 @@ class Extractor:
         p = self.cfg["preprocess"]
         self.specs = roi_specs(p["rois"])
         self.channels = tuple(p["channels"])
-        self._flow = make_flow(p["flow"], p["dis_preset"])
+        self._flow = make_flow(p["flow"], p["dis_preset"], p.get("farneback_levels", 3), p.get("farneback_iters", 3))
         if p["apex_frame"] not in APEX_FRAMES:
             raise ValueError(f"preprocess.apex_frame must be one of {', '.join(APEX_FRAMES)}, "
                              f"got '{p['apex_frame']}'")
