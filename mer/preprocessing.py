@@ -73,19 +73,20 @@ class Face:
 
 @dataclass
 class Track:
-    """What the flow loop gathers: per-step features, times, frame numbers, head motion; the
-    strongest step (motion, frame number, flow) for the onset-apex map; the crop's re-anchoring."""
+    """What the flow loop gathers: per-step features, times, frame numbers, head motion, total ROI
+    motion and flow (kept until the onset-apex frames are chosen); the crop's re-anchoring."""
 
     ref: np.ndarray
     feats: list = field(default_factory=list)
     times: list = field(default_factory=list)
     numbers: list = field(default_factory=list)
     head: list = field(default_factory=list)
-    best: tuple = (-1.0, None, None)
-    motion: list = field(default_factory=list)  # (total ROI motion, position, crop offset) per step
+    motion: list = field(default_factory=list)  # total ROI motion per step
+    flows: list = field(default_factory=list)  # (raw flow, head Motion) per step
     offset: np.ndarray = field(default_factory=lambda: np.zeros(2))
-    apex_flow: np.ndarray | None = None
     apexes: dict = field(default_factory=dict)  # apex_frame choice -> (frame number, head-free flow)
+    best: tuple = (None, None)  # preprocess.apex_frame's choice: (frame number, head-free flow)
+    apex_flow: np.ndarray | None = None  # the annotated apex's head-free flow, if on the grid
 
 
 @dataclass
@@ -300,21 +301,17 @@ class Extractor:
             track.times.append(t)
             track.numbers.append(frames.numbers[i])
             track.head.append(np.array([track.offset[0] + g[0], track.offset[1] + g[1], head.summary[2]]))
-            if frames.numbers[i] == clip.apex:  # the annotated apex on the grid: no second decode
-                track.apex_flow = self._head_free(flow, head)
-            motion = pool.last_motion  # |(u, v)| summed over the ROIs: the apex does not depend on the channels kept
-            track.motion.append((motion, i, track.offset))
-            if motion > track.best[0]:  # keep the raw flow; the head-free field only for the last best
-                track.best = (motion, frames.numbers[i], (flow.copy(), head))
+            track.motion.append(pool.last_motion)  # |(u, v)| summed over the ROIs, whatever channels are kept
+            track.flows.append((flow, head))  # ~0.3 MB a step: the apex frames need no second decode
             if reanchor > 0 and np.hypot(*g) > reanchor:
                 track.offset = track.offset + g
                 rec["reanchors"] += 1
         if len(track.feats) < 2:
             raise ClipError("fewer than 2 readable frames on the time grid")
-        self._apex_flows(track, frames, read, face, factor)
+        self._apex_flows(track, face.unit, clip.apex)
         return track
 
-    def _apex_steps(self, track: "Track", face: "Face", margin_ms: float = 40.0) -> dict[str, int]:
+    def _apex_steps(self, track: "Track", unit: float, margin_ms: float = 40.0) -> dict[str, int]:
         """The step of every onset-apex frame choice (APEX_FRAMES): `max_motion` the largest total
         ROI motion; `blink_free` the same among steps at least `margin_ms` from any blink step (the
         lid starts moving before the eyelid ROIs pass the blink threshold); `spotted` the step that
@@ -323,9 +320,9 @@ class Extractor:
         it stand out), blink steps excluded the same way. Without a blink-free step, or without the
         channels a choice needs, it falls back towards max_motion."""
         p = self.cfg["preprocess"]
-        feats = np.stack(track.feats) * face.unit
+        feats = np.stack(track.feats) * unit  # % of the eye distance, as the blink thresholds
         t = np.asarray(track.times)
-        motion = np.array([m for m, _, _ in track.motion])
+        motion = np.asarray(track.motion)
         near = np.zeros(len(t), bool)
         for ms in t[blink_score(feats, self.specs, list(self.channels)) > 0]:
             near |= np.abs(t - ms) <= margin_ms
@@ -343,23 +340,17 @@ class Extractor:
             steps["spotted"] = steps["max_motion"]
         return steps
 
-    def _apex_flows(self, track: "Track", frames: FrameSource, read, face: "Face", factor: int) -> None:
-        """Every choice's onset-apex frame and head-free flow (`track.apexes`, at most two flows
-        computed again: the max-motion one was kept), and preprocess.apex_frame's as `track.best`."""
-        steps = self._apex_steps(track, face)
-        top = steps["max_motion"]
-        flows = {top: self._head_free(*track.best[2])}
-        track.apexes = {}
-        for mode, k in steps.items():
-            if k not in flows:
-                _, i, offset = track.motion[k]
-                img = read(i, factor)
-                flows[k] = None if img is None else self._head_free(*self._flow_at(track.ref, img, face, offset))
-            if flows[k] is None:  # that frame became unreadable: the max-motion one
-                k = top
-            track.apexes[mode] = (int(frames.numbers[track.motion[k][1]]), flows[k])
-        number, flow = track.apexes[self.cfg["preprocess"]["apex_frame"]]
-        track.best = (track.best[0], number, flow)
+    def _apex_flows(self, track: "Track", unit: float, annotated: float) -> None:
+        """Every choice's onset-apex frame and head-free flow (`track.apexes`), preprocess.apex_frame's
+        as `track.best`, the annotated apex's flow if it lies on the grid; then the steps' flows go."""
+        steps = self._apex_steps(track, unit)
+        flows = {k: self._head_free(*track.flows[k]) for k in set(steps.values())}
+        track.apexes = {mode: (int(track.numbers[k]), flows[k]) for mode, k in steps.items()}
+        track.best = track.apexes[self.cfg["preprocess"]["apex_frame"]]
+        on_grid = np.nonzero(np.asarray(track.numbers) == annotated)[0]
+        if len(on_grid):
+            track.apex_flow = self._head_free(*track.flows[on_grid[0]])
+        track.flows = []
 
     def _outputs(self, clip: Clip, frames: FrameSource, read, ref_img: np.ndarray, face: "Face",
                  track: "Track") -> dict:
@@ -376,12 +367,12 @@ class Extractor:
             "head": np.asarray(track.head, np.float32) * np.array([unit, unit, 1.0], np.float32),
             "landmarks": face.landmarks.astype(np.float32),
             "crop_matrix": face.matrix.astype(np.float32),
-            "apex_map": self._apex_map(track.best[2], unit, p["apex_size"]),
-            "apex_motion_frame": np.int64(track.best[1]),
+            "apex_map": self._apex_map(track.best[1], unit, p["apex_size"]),
+            "apex_motion_frame": np.int64(track.best[0]),
         }
         for mode, (number, flow) in track.apexes.items():  # every choice's frame; its map where it differs
             out[f"apex_frame_{mode}"] = np.int64(number)
-            if number != track.best[1]:
+            if number != track.best[0]:
                 out[f"apex_map_{mode}"] = self._apex_map(flow, unit, p["apex_size"])
         apex_annotated = -1
         if not np.isnan(clip.apex) and clip.apex >= track.numbers[0]:  # (not before the reference frame)
@@ -403,7 +394,7 @@ class Extractor:
         return dict(ref_crop=cv2.warpAffine(ref_img, face.matrix * k, (size, size), flags=cv2.INTER_AREA),
                     crop_landmarks=transform_points(face.matrix * k, face.landmarks),
                     boxes=face.layout.boxes * k, nose=face.layout.nose * k,
-                    peak_flow=track.best[2], roi_names=[r["name"] for r in self.specs])
+                    peak_flow=track.best[1], roi_names=[r["name"] for r in self.specs])
 
     def _apex_map(self, flow: np.ndarray | None, unit: float, side: int) -> np.ndarray:
         """(3, side, side): u, v in % of eye distance, and strain, of the first-to-apex flow."""

@@ -576,6 +576,32 @@ def test_homography_head_model_removes_a_turning_head_that_a_similarity_leaves()
         assert np.hypot(*f[au_roi]) > 0.7  # the AU itself stays
 
 
+def test_every_apex_choice_gets_its_own_steps_flow_without_a_second_decode(tmp_path):
+    """The steps' flows are kept until the onset-apex frames are chosen: each choice's flow is the
+    one a fresh decode of its frame gives, and no frame is decoded twice."""
+    from mer.frames import FolderFrames
+
+    clip, _ = render(tmp_path, [12], blink_prob=1.0, blink_kinds=(1.0, 0.0, 0.0), amplitude_px=(1.0, 1.2),
+                     head_motion=0.3)
+    ex = Extractor(work_config(tmp_path, **{"preprocess.reanchor_px": 0.0}))  # the crop stays put
+    frames = FolderFrames.of(clip.frames_dir)
+    rec = ex._check(clip, frames)
+    read = ex._reader(clip, frames, rec)
+    ref_pos, ref_img = ex._reference(read, len(frames))
+    _, _, found = ex._find_face(clip, frames, read, ref_pos, ref_img, rec)
+    face = ex._face(clip, ref_img, found, rec)
+    track = ex._track(clip, frames, read, ref_pos, ref_img, face, rec)
+    assert rec["frames_read"] == len(track.numbers) and track.flows == []  # PNG: each grid frame once, then freed
+    chosen = {mode: number for mode, (number, _) in track.apexes.items()}
+    assert len(set(chosen.values())) >= 2, chosen  # the blink's frame and the AU's
+    for mode, (number, flow) in track.apexes.items():
+        fresh = ex._head_free(*ex._flow_at(track.ref, read(list(frames.numbers).index(number)), face, np.zeros(2)))
+        np.testing.assert_allclose(flow, fresh, atol=0.01, err_msg=mode)
+        for other, (n2, flow2) in track.apexes.items():  # a mix-up of two steps would show
+            assert n2 == number or np.abs(flow - flow2).max() > 0.1, (mode, other)
+    assert track.best == track.apexes[ex.cfg["preprocess"]["apex_frame"]]
+
+
 def test_blink_free_apex_skips_the_blink_that_max_motion_picks(tmp_path, caplog):
     clip, truth = render(tmp_path, [12], blink_prob=1.0, blink_kinds=(1.0, 0.0, 0.0), amplitude_px=(1.0, 1.2),
                          head_motion=0.3)
