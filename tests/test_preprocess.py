@@ -415,6 +415,24 @@ def test_robust_similarity_fit_ignores_local_motion():
     np.testing.assert_array_equal(fit_similarity(pts, d, init=p), p)
 
 
+def test_similarity_fit_in_closed_form_is_the_general_irls():
+    """fit_similarity's complex closed-form steps give _irls's fit of the same model (4 x 4 systems)."""
+    from mer.features import _irls, fit_similarity
+
+    rng = np.random.default_rng(5)
+    pts = rng.uniform(20, 170, (300, 2))
+    x, y = pts[:, 0], pts[:, 1]
+    one, zero = np.ones(300), np.zeros(300)
+    A = np.concatenate([np.stack([x, -y, one, zero], 1), np.stack([y, x, zero, one], 1)])
+    for p_true, outliers in (([0.004, 0.01, 0.8, -0.5], 0.3), ([-0.01, 0.002, -2.0, 1.0], 0.45)):
+        d = (A @ np.asarray(p_true)).reshape(2, -1).T + rng.normal(0, 0.05, (300, 2))
+        local = rng.random(300) < outliers
+        d[local] += rng.normal(0, 1.5, (local.sum(), 2))
+        for init, iters in ((None, 6), (np.asarray(p_true) * 0.8, 6), (None, 2)):
+            general = _irls(A, np.concatenate([d[:, 0], d[:, 1]]), 300, init, iters)
+            np.testing.assert_allclose(fit_similarity(pts, d, init, iters), general, rtol=1e-9, atol=1e-12)
+
+
 def test_fast_median_is_numpys():
     from mer.features import _median
 
