@@ -115,7 +115,7 @@ def _floors(ex, clip, res: dict, cfg: dict) -> tuple[float, float]:
     reduced when the crop shrinks the face 2x or more), and of one flow call per frame read."""
     from .face import Cropper
     from .frames import FolderFrames
-    from .flow import make_flow
+    from .flow import flow_from_config
 
     p = cfg["preprocess"]
     frames = FolderFrames.of(clip.frames_dir)
@@ -126,7 +126,7 @@ def _floors(ex, clip, res: dict, cfg: dict) -> tuple[float, float]:
     imgs = [frames.read(i, crop.factor) for i, n in enumerate(frames.numbers) if int(n) in wanted]
     decode = (time.process_time() - t0) / max(len(imgs), 1) * float(res["frames_read"])
     crops = [crop(img, first.shape) for img in imgs[:: max(1, len(imgs) // 8)]]
-    flow = make_flow(p["flow"], p["dis_preset"], p.get("farneback_levels", 3), p.get("farneback_iters", 3))
+    flow = flow_from_config(p)
     t0 = time.process_time()
     for c in crops[1:]:
         flow(crops[0], c)

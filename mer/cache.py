@@ -43,7 +43,8 @@ def feature_settings(cfg: dict) -> dict:
     from .features import roi_specs
 
     settings = {k: v for k, v in cfg["preprocess"].items()
-                if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+                if k not in NOT_IN_KEY and not (k in ADDED_LATER and v == ADDED_LATER[k])
+                and not (k.startswith("farneback_") and cfg["preprocess"]["flow"] != "farneback")}
     settings["rois"] = roi_specs(settings["rois"])  # 'default' resolved: its definition counts
     return {"preprocess": settings, "version": FEATURE_VERSION}
 

@@ -55,7 +55,9 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
             return value
     elif isinstance(default, (int, float)) and not isinstance(value, bool):
         if isinstance(value, (int, float)):
-            return float(value) if isinstance(default, float) else value
+            if isinstance(default, float):
+                return float(value)
+            return int(value) if isinstance(value, float) and value.is_integer() else value
     elif isinstance(default, type(value)) or isinstance(value, type(default)):
         return value
     elif isinstance(default, str) and isinstance(value, (list, dict)):

@@ -223,7 +223,8 @@ def fit_similarity(pts: np.ndarray, flow_at: np.ndarray, init: np.ndarray | None
         q_mean, d_mean = (w @ q) / total, (w @ d) / total
         qc = q - q_mean
         spread = w @ (qc.real ** 2 + qc.imag ** 2)
-        c = (w @ (qc.conj() * d)) / spread if spread > 0 else 0j  # all points at one place: translation only
+        at_one_place = spread <= 1e-12 * (w @ (q.real ** 2 + q.imag ** 2))  # (up to rounding)
+        c = 0j if at_one_place else (w @ (qc.conj() * d)) / spread  # then a translation only
         t = d_mean - c * q_mean
     return np.array([c.real, c.imag, t.real, t.imag])
 

@@ -25,6 +25,9 @@ def make_flow(method: str = "dis", preset: str = "medium", levels: int = 3, iter
     which costs ~0.6x as much per call but trains worse models (README, Results). `levels` and
     `iterations`: Farneback's pyramid levels and iterations per level (the cost is about linear in
     the iterations; micro-motion is a pixel or two, which one level reads)."""
+    for name, value in (("farneback_levels", levels), ("farneback_iters", iterations)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+            raise ValueError(f"preprocess.{name} must be an integer from 1 to 10, got {value!r}")
     if method == "dis":
         if preset not in DIS_PRESETS:
             raise ValueError(f"preprocess.dis_preset must be one of {', '.join(DIS_PRESETS)}, got '{preset}'")
@@ -35,16 +38,17 @@ def make_flow(method: str = "dis", preset: str = "medium", levels: int = 3, iter
 
         return dis_flow
     if method == "farneback":
-        for name, value in (("farneback_levels", levels), ("farneback_iters", iterations)):
-            if not (isinstance(value, int) and 1 <= value <= 10):
-                raise ValueError(f"preprocess.{name} must be an integer from 1 to 10, got {value!r}")
-
         def farneback_flow(ref: np.ndarray, cur: np.ndarray) -> np.ndarray:
             # pyramid scale 0.5, 15 px window, polynomial n 5 / sigma 1.2
             return cv2.calcOpticalFlowFarneback(ref, cur, None, 0.5, levels, 15, iterations, 5, 1.2, 0)
 
         return farneback_flow
     raise ValueError(f"preprocess.flow must be one of {', '.join(METHODS)}, got '{method}'")
+
+
+def flow_from_config(p: dict) -> FlowFn:
+    """The flow function of a config's preprocess section."""
+    return make_flow(p["flow"], p["dis_preset"], p.get("farneback_levels", 3), p.get("farneback_iters", 3))
 
 
 def optical_strain(flow: np.ndarray, lin: np.ndarray | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ from .data import FRAME_EXTS, TEST_SPLITS, Dataset, table_fingerprint
 from .face import Cropper, Detection, centred_matrix, crop_matrix, make_landmarker, template_landmarks, transform_points
 from .features import (APEX_FRAMES, HeadMotion, Motion, RoiPooler, grid_frames, motion_magnitude, roi_boxes,
                        roi_specs, spot_apex_score)
-from .flow import make_flow, optical_strain
+from .flow import flow_from_config, optical_strain
 from .frames import FolderFrames, FrameSource
 from .devices import jobs_that_fit
 from .workers import Lost, run_jobs
@@ -83,6 +83,7 @@ class Track:
     head: list = field(default_factory=list)
     motion: list = field(default_factory=list)  # total ROI motion per step
     flows: list = field(default_factory=list)  # (raw flow, head Motion) per step
+    offsets: list = field(default_factory=list)  # the crop's offset per step
     offset: np.ndarray = field(default_factory=lambda: np.zeros(2))
     apexes: dict = field(default_factory=dict)  # apex_frame choice -> (frame number, head-free flow)
     best: tuple = (None, None)  # preprocess.apex_frame's choice: (frame number, head-free flow)
@@ -103,7 +104,7 @@ class Extractor:
         p = self.cfg["preprocess"]
         self.specs = roi_specs(p["rois"])
         self.channels = tuple(p["channels"])
-        self._flow = make_flow(p["flow"], p["dis_preset"], p.get("farneback_levels", 3), p.get("farneback_iters", 3))
+        self._flow = flow_from_config(p)
         if p["apex_frame"] not in APEX_FRAMES:
             raise ValueError(f"preprocess.apex_frame must be one of {', '.join(APEX_FRAMES)}, "
                              f"got '{p['apex_frame']}'")
@@ -303,6 +304,7 @@ class Extractor:
             track.head.append(np.array([track.offset[0] + g[0], track.offset[1] + g[1], head.summary[2]]))
             track.motion.append(pool.last_motion)  # |(u, v)| summed over the ROIs, whatever channels are kept
             track.flows.append((flow, head))  # ~0.3 MB a step: the apex frames need no second decode
+            track.offsets.append(track.offset)
             if reanchor > 0 and np.hypot(*g) > reanchor:
                 track.offset = track.offset + g
                 rec["reanchors"] += 1
@@ -379,7 +381,9 @@ class Extractor:
             flow = track.apex_flow
             hit = np.nonzero(frames.numbers == clip.apex)[0]
             if flow is None and len(hit) and (img := read(int(hit[0]), face.crop.factor)) is not None:
-                flow = self._head_free(*self._flow_at(track.ref, img, face, track.offset))
+                later = int(np.searchsorted(track.numbers, clip.apex))  # off the grid: the next step's crop
+                offset = track.offsets[later] if later < len(track.offsets) else track.offset
+                flow = self._head_free(*self._flow_at(track.ref, img, face, offset))
             if flow is not None:
                 out["apex_map_annotated"] = self._apex_map(flow, unit, p["apex_size"])
                 apex_annotated = int(clip.apex)

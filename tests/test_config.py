@@ -18,6 +18,10 @@ def test_set_overrides_parse_types():
     assert cfg["preprocess"]["flow"] == "dis"
     assert cfg["train"]["seeds"] == [4, 5]
     assert cfg["train"]["augment"]["mirror"] == 0.0 and isinstance(cfg["train"]["augment"]["mirror"], float)
+    # a whole number written as a float where an int is expected is that int; a fraction is kept (and refused later)
+    cfg = load_config(overrides=["preprocess.farneback_iters=2.0", "train.epochs=7.5"])
+    assert cfg["preprocess"]["farneback_iters"] == 2 and isinstance(cfg["preprocess"]["farneback_iters"], int)
+    assert cfg["train"]["epochs"] == 7.5
 
 
 def test_unknown_key_names_the_closest_valid_one(tmp_path):

@@ -126,6 +126,30 @@ def test_mirror_permutation_pairs_left_and_right():
     assert (perm[perm] == np.arange(len(perm))).all()
 
 
+@pytest.mark.parametrize("key,value", [("farneback_iters", 0), ("farneback_levels", 11), ("farneback_iters", 2.5),
+                                       ("farneback_iters", True)])
+def test_bad_farneback_settings_are_refused_by_name(tmp_path, key, value):
+    from mer.flow import make_flow
+
+    for method in ("farneback", "dis"):  # whatever the flow, a bad value is an error
+        with pytest.raises(ValueError, match=f"preprocess.{key} must be an integer from 1 to 10"):
+            make_flow(method, **{{"farneback_iters": "iterations", "farneback_levels": "levels"}[key]: value})
+
+
+def test_farneback_iterations_change_the_flow():
+    """Fewer iterations: a flow close to the default's on a sub-pixel shift, not the same one."""
+    from mer.flow import make_flow
+
+    rng = np.random.default_rng(0)
+    a = cv2.GaussianBlur((rng.random((96, 96)) * 255).astype(np.uint8), (0, 0), 2)
+    b = cv2.warpAffine(a, np.float32([[1, 0, 0.4], [0, 1, -0.3]]), (96, 96))
+    full, fewer = make_flow("farneback")(a, b), make_flow("farneback", iterations=1)(a, b)
+    inner = (slice(20, 76), slice(20, 76))
+    for flow in (full, fewer):
+        np.testing.assert_allclose(np.median(flow[inner].reshape(-1, 2), 0), [0.4, -0.3], atol=0.05)
+    assert np.abs(full - fewer).max() > 1e-4
+
+
 def test_changing_a_setting_changes_the_cache_key(tmp_path):
     base = work_config(tmp_path)
     key = C.cache_key(base)
@@ -143,6 +167,8 @@ def test_changing_a_setting_changes_the_cache_key(tmp_path):
     for k in ("farneback_levels", "farneback_iters"):  # added later at the values used before: key unchanged
         del cfg["preprocess"][k]
     assert C.cache_key(cfg) == unblurred
+    dis = C.cache_key(work_config(tmp_path, **{"preprocess.flow": "dis"}))  # Farneback's settings: not DIS's
+    assert C.cache_key(work_config(tmp_path, **{"preprocess.flow": "dis", "preprocess.farneback_iters": 2})) == dis
     # every cache keeps the spotted apex map, whatever apex_frame the main map uses
     keys = set()
     for frame in ("blink_free", "max_motion"):
@@ -617,7 +643,7 @@ def test_every_apex_choice_gets_its_own_steps_flow_without_a_second_decode(tmp_p
         np.testing.assert_allclose(flow, fresh, atol=0.01, err_msg=mode)
         for other, (n2, flow2) in track.apexes.items():  # a mix-up of two steps would show
             assert n2 == number or np.abs(flow - flow2).max() > 0.1, (mode, other)
-    assert track.best == track.apexes[ex.cfg["preprocess"]["apex_frame"]]
+    assert track.best is track.apexes[ex.cfg["preprocess"]["apex_frame"]]
 
 
 def test_blink_free_apex_skips_the_blink_that_max_motion_picks(tmp_path, caplog):
