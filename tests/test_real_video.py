@@ -104,9 +104,9 @@ def test_a_real_smile_is_found_in_the_mouth_corners_at_the_right_time(real_cache
     assert t[corner.argmax()] >= t[np.argmax(opening > 0.5)] - step  # the peak not before the mouth is half open
     held = opening > 0.8
     assert np.median(corner[held]) > 0.45 * corner.max()  # the held smile stays measured
-    assert np.corrcoef(corner, opening)[0, 1] > 0.75  # Farneback 0.82, DIS medium 0.91
+    assert np.corrcoef(corner, opening)[0, 1] > 0.75  # Farneback 0.85 (0.82 with 3 iterations), DIS medium 0.91
     assert abs(onset(corner) - onset(wing)) <= 150  # AU12 with the nose wings: together
-    assert corner.max() > 2.5 * brows.max()  # the smile, not the brows
+    assert corner.max() > 2.5 * brows.max()  # the smile, not the brows (2.76; 2.31 with 1 Farneback iteration)
 
 
 def test_late_leaving_absent_and_several_faces_in_real_video(real_cache):
