@@ -58,8 +58,8 @@ class Row:
 
 ROWS: tuple[Row, ...] = (
     Row("default", "the defaults: full-sequence transformer with the AU head and blink masking, Farneback flow "
-                   "(2 iterations per level) at 192 px on crops blurred by 0.6 px, 20 ms grid, similarity head motion, top 25%, channels u, "
-                   "v, mag, strain"),
+                   "(2 iterations per level) at 192 px on crops blurred by 0.6 px, 20 ms grid, similarity head "
+                   "motion, top 25%, channels u, v, mag, strain"),
     Row("winner", "the winner's recipe: no AU head, no blink handling, unblurred crops (the defaults before "
                   "this project's additions; scored without per-class biases, as every trained row)",
         ("train.au_weight=0", "model.blink=none", "preprocess.flow_blur=0")),
@@ -70,7 +70,8 @@ ROWS: tuple[Row, ...] = (
     Row("dis_ultrafast", "flow: DIS preset ultrafast", ("preprocess.flow=dis", "preprocess.dis_preset=ultrafast")),
     Row("farneback_iters_1", "Farneback with 1 iteration per level instead of 2 (~20% less CPU per flow call)",
         ("preprocess.farneback_iters=1",)),
-    Row("farneback_iters_3", "Farneback with 3 iterations per level (the default before 2; ~25% more CPU per flow call)",
+    Row("farneback_iters_3",
+        "Farneback with 3 iterations per level (the default before 2; ~25% more CPU per flow call)",
         ("preprocess.farneback_iters=3",)),
     Row("flow_blur_0", "crops not blurred before the flow (a face filmed at the crop's size then gets no low-pass)",
         ("preprocess.flow_blur=0",)),
@@ -116,8 +117,8 @@ DEFAULT_ROW = "default"
 # the yardstick was built to rank (flow method and size, head motion, ROI pooling, channels, time
 # grid, the onset-apex baseline, seeds, ensembling and biases). `--rows all` runs every row.
 CORE_ROWS = ("flow_dis", "flow_size_128", "flow_size_256", "head_nose", "top_frac_0.1", "top_frac_0.5",
-             "channels_uv", "channels_uv_mag", "farneback_iters_3", "grid_10ms", "grid_40ms", "apex_cnn", "seeds_1", "ens_apex_equal",
-             "ens_apex_nested", "bias_nested")
+             "channels_uv", "channels_uv_mag", "farneback_iters_3", "grid_10ms", "grid_40ms", "apex_cnn", "seeds_1",
+             "ens_apex_equal", "ens_apex_nested", "bias_nested")
 ROW_GROUPS = {"core": CORE_ROWS, "all": tuple(r.name for r in ROWS)}
 
 

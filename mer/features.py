@@ -156,11 +156,9 @@ def _irls(A: np.ndarray, d: np.ndarray, n_points: int, init: np.ndarray | None, 
         if last is not None and np.abs(r - last).max() < IRLS_TOL_PX:
             break
         last = r
-        rr = np.hypot(r[:n_points], r[n_points:])  # one residual per point, both components
-        if len(rr) == 0 or not np.isfinite(rr).all():  # no points, or a broken flow: keep the start
+        wp = _tukey_weights(np.hypot(r[:n_points], r[n_points:]))  # one residual per point, both components
+        if wp is None:
             break
-        sigma = max(1.4826 * _median(rr), 1e-3)
-        wp = np.clip(1 - (rr / (4.685 * sigma)) ** 2, 0.0, None) ** 2  # Tukey: 0 beyond 4.685 sigma
         w = np.concatenate([wp, wp])
         if w.sum() < 2 * A.shape[1]:
             break
@@ -170,6 +168,16 @@ def _irls(A: np.ndarray, d: np.ndarray, n_points: int, init: np.ndarray | None, 
         except np.linalg.LinAlgError:  # degenerate weights (points on a line): the least-norm fit
             p = np.linalg.lstsq(Aw.T @ A, Aw.T @ d, rcond=None)[0]
     return p
+
+
+def _tukey_weights(residuals: np.ndarray) -> np.ndarray | None:
+    """Tukey's biweight of each point's residual length, the scale from their median (0 beyond
+    4.685 sigma: local AU and blink motions); None for no points or a broken (non-finite) flow,
+    where a fit keeps its start."""
+    if len(residuals) == 0 or not np.isfinite(residuals).all():
+        return None
+    sigma = max(1.4826 * _median(residuals), 1e-3)
+    return np.clip(1 - (residuals / (4.685 * sigma)) ** 2, 0.0, None) ** 2
 
 
 def _median(x: np.ndarray) -> float:
@@ -212,11 +220,9 @@ def fit_similarity(pts: np.ndarray, flow_at: np.ndarray, init: np.ndarray | None
             if max(np.abs(dr.real).max(), np.abs(dr.imag).max()) < IRLS_TOL_PX:
                 break
         last = r
-        rr = np.abs(r)  # one residual per point, both components
-        if len(rr) == 0 or not np.isfinite(rr).all():  # no points, or a broken flow: keep the start
+        w = _tukey_weights(np.abs(r))  # one residual per point, both components
+        if w is None:
             break
-        sigma = max(1.4826 * _median(rr), 1e-3)
-        w = np.clip(1 - (rr / (4.685 * sigma)) ** 2, 0.0, None) ** 2  # Tukey: 0 beyond 4.685 sigma
         total = w.sum()
         if total < 4:  # fewer (weighted) points than parameters
             break
