@@ -129,6 +129,18 @@ class Motion:
         return (self.scale * (self.lin[0, 0] * qx + self.lin[0, 1] * qy + self.t[0] - qx * persp),
                 self.scale * (self.lin[1, 0] * qx + self.lin[1, 1] * qy + self.t[1] - qy * persp))
 
+    def at_complex(self, q: np.ndarray) -> np.ndarray:
+        """The displacement u + iv at points q = x + iy (complex64). An affine motion is
+        alpha q + beta conj(q) + t: two complex products where `at` takes a dozen passes (beta is 0
+        for a similarity); a homography goes through `at`."""
+        if self.g.any() or self.origin.any() or self.scale != 1.0:
+            u, v = self.at(q.real, q.imag)
+            return (u + 1j * v).astype(np.complex64)
+        (a, b), (c, d) = self.lin.astype(np.float64)
+        z = complex((a + d) / 2, (c - b) / 2) * q + complex(float(self.t[0]), float(self.t[1]))
+        beta = complex((a - d) / 2, (c + b) / 2)
+        return z + beta * q.conj() if beta else z
+
     def jacobian(self, x: float, y: float) -> np.ndarray:
         """d(u, v) / d(x, y) at one point (constant for an affine motion)."""
         qx, qy = (x - self.origin[0]) / self.scale, (y - self.origin[1]) / self.scale
@@ -210,15 +222,14 @@ def fit_similarity(pts: np.ndarray, flow_at: np.ndarray, init: np.ndarray | None
     instead of a 4 x 4 system (it runs once per step of every clip)."""
     q = pts[:, 0].astype(np.float64) + 1j * pts[:, 1].astype(np.float64)
     d = flow_at[:, 0].astype(np.float64) + 1j * flow_at[:, 1].astype(np.float64)
+    q2, qd = q.real ** 2 + q.imag ** 2, q.conj() * d  # the sums below need only these, weighted
     a, b, tx, ty = (0.0, 0.0, 0.0, 0.0) if init is None else (float(v) for v in init)
     c, t = complex(a, b), complex(tx, ty)
     last = None
     for _ in range(iters):
-        r = d - c * q - t
-        if last is not None:
-            dr = r - last
-            if max(np.abs(dr.real).max(), np.abs(dr.imag).max()) < IRLS_TOL_PX:
-                break
+        r = d - (c * q + t)
+        if last is not None and np.abs((r - last).view(np.float64)).max() < IRLS_TOL_PX:  # both components
+            break
         last = r
         w = _tukey_weights(np.abs(r))  # one residual per point, both components
         if w is None:
@@ -227,10 +238,10 @@ def fit_similarity(pts: np.ndarray, flow_at: np.ndarray, init: np.ndarray | None
         if total < 4:  # fewer (weighted) points than parameters
             break
         q_mean, d_mean = (w @ q) / total, (w @ d) / total
-        qc = q - q_mean
-        spread = w @ (qc.real ** 2 + qc.imag ** 2)
-        at_one_place = spread <= 1e-12 * (w @ (q.real ** 2 + q.imag ** 2))  # (up to rounding)
-        c = 0j if at_one_place else (w @ (qc.conj() * d)) / spread  # then a translation only
+        wq2 = w @ q2
+        spread = wq2 - total * abs(q_mean) ** 2  # sum of w |q - q_mean|^2
+        at_one_place = spread <= 1e-12 * wq2  # (up to rounding)
+        c = 0j if at_one_place else (w @ qd - total * q_mean.conjugate() * d_mean) / spread  # then a translation only
         t = d_mean - c * q_mean
     return np.array([c.real, c.imag, t.real, t.imag])
 
@@ -307,7 +318,7 @@ class RoiPooler:
         self.idx = [(np.arange(y0, y1)[:, None] * size + np.arange(x0, x1)[None, :]).ravel()
                     for x0, y0, x1, y1 in boxes]
         self.all = np.concatenate(self.idx)
-        self.ys, self.xs = (self.all // size).astype(np.float32), (self.all % size).astype(np.float32)
+        self.q = ((self.all % size) + 1j * (self.all // size)).astype(np.complex64)  # x + iy of each ROI pixel
         self.seg = np.concatenate([[0], np.cumsum([len(i) for i in self.idx])])
         self.k = np.array([max(1, int(round(top_frac * len(i)))) for i in self.idx])
         self.starts = np.concatenate([[0], np.cumsum(self.k)[:-1]])
@@ -325,8 +336,7 @@ class RoiPooler:
         field = as_complex(flow)  # u + iv: one gather serves both components
         z = field[self.all]
         if motion is not None:
-            du, dv = motion.at(self.xs, self.ys)
-            z = z - (du + 1j * dv).astype(np.complex64, copy=False)
+            z = z - motion.at_complex(self.q)
         mag = np.abs(z)
         top = np.concatenate([s + np.argpartition(mag[s:e], (e - s) - k)[-k:]
                               for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
@@ -355,15 +365,13 @@ class RoiPooler:
         subtracted from the derivatives."""
         left, right, inv_dx, up, down, inv_dy = self.neighbours
         d_dx, d_dy = (z[right] - z[left]) * inv_dx, (z[down] - z[up]) * inv_dy  # du/d. + i dv/d.
-        du_dx, dv_dx, du_dy, dv_dy = d_dx.real, d_dx.imag, d_dy.real, d_dy.imag
+        jac = None
         if motion is not None:
             if motion.g.any():  # a homography: its Jacobian varies, taken at each ROI's centre
                 jac = np.repeat(np.stack([motion.jacobian(cx, cy) for cx, cy in self.centres]), self.sizes, axis=0)
-                jac = jac[:, 0, 0], jac[:, 0, 1], jac[:, 1, 0], jac[:, 1, 1]
             else:  # affine: the same everywhere
-                jac = motion.lin[0, 0], motion.lin[0, 1], motion.lin[1, 0], motion.lin[1, 1]
-            du_dx, du_dy, dv_dx, dv_dy = du_dx - jac[0], du_dy - jac[1], dv_dx - jac[2], dv_dy - jac[3]
-        strain = strain_magnitude(du_dx, du_dy, dv_dx, dv_dy)
+                jac = motion.lin
+        strain = strain_magnitude(d_dx, d_dy, jac)
         tops = np.concatenate([np.partition(strain[s:e], (e - s) - k)[-k:]
                                for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
         return np.add.reduceat(tops, self.starts) / self.k

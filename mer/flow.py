@@ -56,18 +56,26 @@ def optical_strain(flow: np.ndarray, lin: np.ndarray | None = None) -> np.ndarra
     derivatives `lin` (2 x 2, d(u, v)/d(x, y)) of an affine motion removed from the flow.
 
     Strain highlights local deformation of the skin and is blind to rigid translation."""
-    u, v = flow[..., 0], flow[..., 1]
-    du_dy, du_dx = np.gradient(u)
-    dv_dy, dv_dx = np.gradient(v)
+    z = np.ascontiguousarray(flow, np.float32).view(np.complex64)[..., 0]  # u + iv
+    d_dy, d_dx = np.gradient(z)
+    return strain_magnitude(d_dx, d_dy, lin).astype(np.float32)
+
+
+def strain_magnitude(d_dx: np.ndarray, d_dy: np.ndarray, lin: np.ndarray | None = None) -> np.ndarray:
+    """Magnitude of the infinitesimal strain tensor E = (J + J^T) / 2 from the flow's derivatives
+    in complex form, d_dx = du/dx + i dv/dx and d_dy = du/dy + i dv/dy, less `lin`: the Jacobian
+    of a motion to remove, (2, 2) or one per point (N, 2, 2).
+
+    |E|^2 = (tr^2 + |s|^2) / 2 with the trace tr = du/dx + dv/dy and the shear
+    s = (du/dx - dv/dy) + i (dv/dx + du/dy): fewer passes over the points than the four
+    derivatives one by one."""
+    trace = d_dx.real + d_dy.imag
+    shear = d_dx + 1j * d_dy
     if lin is not None:
-        du_dx, du_dy, dv_dx, dv_dy = du_dx - lin[0, 0], du_dy - lin[0, 1], dv_dx - lin[1, 0], dv_dy - lin[1, 1]
-    return strain_magnitude(du_dx, du_dy, dv_dx, dv_dy).astype(np.float32)
-
-
-def strain_magnitude(du_dx: np.ndarray, du_dy: np.ndarray, dv_dx: np.ndarray, dv_dy: np.ndarray) -> np.ndarray:
-    """Magnitude of the infinitesimal strain tensor from the flow's four derivatives."""
-    shear = 0.5 * (du_dy + dv_dx)
-    return np.sqrt(du_dx ** 2 + dv_dy ** 2 + 2 * shear ** 2)
+        lin = np.asarray(lin, np.float32)
+        trace = trace - (lin[..., 0, 0] + lin[..., 1, 1])
+        shear = shear - ((lin[..., 0, 0] - lin[..., 1, 1]) + 1j * (lin[..., 1, 0] + lin[..., 0, 1]))
+    return np.sqrt((trace * trace + shear.real ** 2 + shear.imag ** 2) * 0.5)
 
 
 def flow_to_rgb(flow: np.ndarray, max_mag: float | None = None) -> np.ndarray:

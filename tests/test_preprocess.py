@@ -420,6 +420,28 @@ def test_roi_pooling_on_roi_pixels_equals_the_whole_field():
     np.testing.assert_allclose(pool(flow)[:, 0], want, rtol=1e-4, atol=1e-6)
 
 
+def test_motion_in_complex_form_equals_its_components():
+    """Motion.at_complex (what ROI pooling subtracts) is Motion.at as u + iv for every head model:
+    a similarity, a general affine map, a homography in normalised coordinates, the nose's translation."""
+    from mer.features import Motion
+
+    rng = np.random.default_rng(5)
+    xs, ys = rng.uniform(0, 192, 500).astype(np.float32), rng.uniform(0, 192, 500).astype(np.float32)
+    q = (xs + 1j * ys).astype(np.complex64)
+    summary = np.zeros(3, np.float32)
+    motions = [Motion(np.array([[0.01, -0.02], [0.02, 0.01]], np.float32), np.array([0.3, -0.2], np.float32), summary),
+               Motion(np.array([[0.015, 0.004], [-0.01, -0.02]], np.float32), np.array([-0.5, 0.7], np.float32), summary),
+               Motion(np.array([[0.99, 0.01], [-0.02, 1.01]], np.float32), np.array([0.1, 0.2], np.float32), summary,
+                      np.array([0.02, -0.01], np.float32), np.array([96.0, 90.0], np.float32), 40.0),
+               Motion(np.zeros((2, 2), np.float32), np.array([1.5, -0.25], np.float32), summary)]
+    for m in motions:
+        u, v = m.at(xs, ys)
+        z = m.at_complex(q)
+        assert z.dtype == np.complex64 and z.shape == q.shape
+        np.testing.assert_allclose(z.real, u, atol=2e-5)
+        np.testing.assert_allclose(z.imag, v, atol=2e-5)
+
+
 def test_robust_similarity_fit_ignores_local_motion():
     """Translation + roll + zoom of the whole face recovered while 30% of the points move on their own."""
     from mer.features import fit_similarity
