@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .flow import strain_magnitude
+from .flow import as_complex, strain_magnitude
 
 # iBUG-68 (0-based) left/right mirror permutation: landmark i of a mirrored face is MIRROR_68[i].
 MIRROR_68 = np.array(
@@ -139,7 +139,7 @@ class Motion:
         (a, b), (c, d) = self.lin.astype(np.float64)
         z = complex((a + d) / 2, (c - b) / 2) * q + complex(float(self.t[0]), float(self.t[1]))
         beta = complex((a - d) / 2, (c + b) / 2)
-        return z + beta * q.conj() if beta else z
+        return (z + beta * q.conj() if beta else z).astype(np.complex64, copy=False)
 
     def jacobian(self, x: float, y: float) -> np.ndarray:
         """d(u, v) / d(x, y) at one point (constant for an affine motion)."""
@@ -375,13 +375,6 @@ class RoiPooler:
         tops = np.concatenate([np.partition(strain[s:e], (e - s) - k)[-k:]
                                for s, e, k in zip(self.seg[:-1], self.seg[1:], self.k)])
         return np.add.reduceat(tops, self.starts) / self.k
-
-
-def as_complex(flow: np.ndarray) -> np.ndarray:
-    """A (H, W, 2) float32 flow as a flat complex64 view u + iv (a copy only if not contiguous)."""
-    if flow.shape[-1] != 2:
-        raise ValueError(f"a flow field is (H, W, 2), got shape {flow.shape}")
-    return np.ascontiguousarray(flow, np.float32).reshape(-1).view(np.complex64)
 
 
 def grid_frames(numbers: np.ndarray, fps: float, grid_ms: float, max_ms: float) -> tuple[np.ndarray, np.ndarray]:

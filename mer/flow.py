@@ -56,9 +56,15 @@ def optical_strain(flow: np.ndarray, lin: np.ndarray | None = None) -> np.ndarra
     derivatives `lin` (2 x 2, d(u, v)/d(x, y)) of an affine motion removed from the flow.
 
     Strain highlights local deformation of the skin and is blind to rigid translation."""
-    z = np.ascontiguousarray(flow, np.float32).view(np.complex64)[..., 0]  # u + iv
-    d_dy, d_dx = np.gradient(z)
+    d_dy, d_dx = np.gradient(as_complex(flow).reshape(flow.shape[:-1]))
     return strain_magnitude(d_dx, d_dy, lin).astype(np.float32)
+
+
+def as_complex(flow: np.ndarray) -> np.ndarray:
+    """A (H, W, 2) float32 flow as a flat complex64 view u + iv (a copy only if not contiguous)."""
+    if flow.shape[-1] != 2:
+        raise ValueError(f"a flow field is (H, W, 2), got shape {flow.shape}")
+    return np.ascontiguousarray(flow, np.float32).reshape(-1).view(np.complex64)
 
 
 def strain_magnitude(d_dx: np.ndarray, d_dy: np.ndarray, lin: np.ndarray | None = None) -> np.ndarray:
@@ -72,7 +78,7 @@ def strain_magnitude(d_dx: np.ndarray, d_dy: np.ndarray, lin: np.ndarray | None 
     trace = d_dx.real + d_dy.imag
     shear = d_dx + 1j * d_dy
     if lin is not None:
-        lin = np.asarray(lin, np.float32)
+        lin = np.asarray(lin, trace.dtype)  # float32 derivatives stay float32
         trace = trace - (lin[..., 0, 0] + lin[..., 1, 1])
         shear = shear - ((lin[..., 0, 0] - lin[..., 1, 1]) + 1j * (lin[..., 1, 0] + lin[..., 0, 1]))
     return np.sqrt((trace * trace + shear.real ** 2 + shear.imag ** 2) * 0.5)
