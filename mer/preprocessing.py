@@ -169,14 +169,27 @@ class Extractor:
 
     @staticmethod
     def _reader(clip: Clip, frames: FrameSource, rec: dict):
-        """read(i, reduce=1): frame i in grey (see FrameSource.read), counted; an undecodable frame is
-        logged and skipped (None)."""
+        """read(i, reduce=1): frame i in grey (see FrameSource.read), counted. An undecodable frame,
+        or one whose size differs from the clip's first frame read (a stray or re-saved file: its
+        crop would put the face elsewhere and fake a burst of motion), is logged and skipped (None)."""
+        first: list[tuple[int, int]] = []  # (h, w) of the first frame read at full size: the reference
+
         def read(i: int, reduce: int = 1) -> np.ndarray | None:
             rec["frames_read"] += 1
             img = frames.read(i, reduce)
             if img is None:
                 rec["unreadable"] += 1
                 log.warning("%s/%s: unreadable frame %s (skipped)", clip.split, clip.sample, frames.name(i))
+                return None
+            if not first and reduce == 1:
+                first.append(img.shape[:2])
+            elif first and img.shape[:2] not in (first[0], tuple(-(-n // reduce) for n in first[0])):
+                rec["unreadable"] += 1  # (a JPEG decoded reduced is ceil(size / reduce))
+                h, w = img.shape[:2]
+                log.warning("%s/%s: frame %s is %dx%d%s, unlike the clip's first frame (%dx%d): skipped", clip.split,
+                            clip.sample, frames.name(i), w, h, f" at 1/{reduce} scale" if reduce > 1 else "",
+                            first[0][1], first[0][0])
+                return None
             return img
         return read
 

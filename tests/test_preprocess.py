@@ -99,6 +99,31 @@ def test_same_clip_at_200_and_500_fps_agrees_on_the_ms_grid(tmp_path):
         assert abs(a.max() - b.max()) < 0.25 * max(a.max(), b.max())
 
 
+@pytest.mark.parametrize("scale", [0.5, 1.25])
+def test_a_frame_of_another_size_is_skipped_and_named(tmp_path, caplog, scale):
+    """A stray frame of another size in a clip (re-saved, or from another export) is skipped with
+    a warning naming it, instead of being cropped where the face is not (a fake burst of motion
+    that also knocks the head fit off for the steps after it)."""
+    from mer.data import frame_number
+
+    clip, _ = render(tmp_path, [12], fps=200)
+    ex = Extractor(work_config(tmp_path))
+    clean = ex.process(clip)
+    number = int(clean["frame_numbers"][len(clean["frame_numbers"]) // 2])
+    path = next(p for p in Path(clip.frames_dir).iterdir() if frame_number(p) == number)
+    img = cv2.imread(str(path))
+    h, w = img.shape[:2]
+    cv2.imwrite(str(path), cv2.resize(img, (round(w * scale), round(h * scale))))
+    with caplog.at_level("WARNING"):
+        res = ex.process(clip)
+    assert int(res["unreadable"]) == 1 and number not in res["frame_numbers"]
+    assert (f"frame {path.name} is {round(w * scale)}x{round(h * scale)}, unlike the clip's first frame ({w}x{h}): "
+            "skipped") in caplog.text
+    keep = np.isin(clean["frame_numbers"], res["frame_numbers"])
+    assert keep.sum() == len(clean["frame_numbers"]) - 1
+    np.testing.assert_allclose(res["features"], clean["features"][keep], atol=0.01)  # the other steps as before
+
+
 def test_a_clip_cut_at_max_ms_is_a_warning_and_a_manifest_column(tmp_path, caplog):
     clip, truth = render(tmp_path, [12], fps=200)
     cfg = work_config(tmp_path, **{"preprocess.max_ms": 150.0})
