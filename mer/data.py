@@ -145,17 +145,31 @@ def list_frames(folder: str | Path, exts: Iterable[str] = FRAME_EXTS,
 def numbered_frames(folder: str | Path, exts: Iterable[str] = FRAME_EXTS,
                     names: Iterable[str] | None = None) -> list[tuple[int, str]]:
     """(frame number, file name) of a folder's image files, sorted by number (list_frames' order);
-    each name parsed once: a clip folder holds hundreds of files."""
-    exts = {e.lower() for e in exts}
+    each name parsed once: a clip folder holds hundreds of files. One file per number: where
+    several carry it (00012.png beside 00012.jpg, a folder converted in place), the first of
+    `exts`, then by name (check_frames warns about the others)."""
+    return _frame_files(folder, exts, names)[0]
+
+
+def _frame_files(folder: str | Path, exts: Iterable[str], names: Iterable[str] | None) -> tuple[list, list[str]]:
+    """numbered_frames, and the names left out because another file carries their number."""
+    rank = {e: k for k, e in enumerate(dict.fromkeys(e.lower() for e in exts))}  # the order of preference
     if names is None and _LISTED is not None:  # inside load_dataset: listed once, whoever asks first
         names = _list_dir(str(folder))[1]
     if names is None:
         names = [e.name for e in os.scandir(folder) if e.is_file()]
     numbered = []
     for n in names:
-        if os.path.splitext(n)[1].lower() in exts and (number := frame_number(n)) is not None:
-            numbered.append((number, n))
-    return sorted(numbered)
+        if (k := rank.get(os.path.splitext(n)[1].lower())) is not None and (number := frame_number(n)) is not None:
+            numbered.append((number, k, n))
+    numbered.sort()
+    kept, left_out = [], []
+    for number, _, n in numbered:
+        if kept and kept[-1][0] == number:
+            left_out.append(n)
+        else:
+            kept.append((number, n))
+    return kept, left_out
 
 
 _LISTED: dict | None = None  # while load_dataset runs: folder -> (sub-folders, files), each listed once
@@ -652,7 +666,8 @@ def check_table(t: pd.DataFrame) -> list[Issue]:
 
 
 def check_frames(t: pd.DataFrame, exts: Iterable[str], listing: dict[str, list[str]] | None = None) -> list[Issue]:
-    """Problems on disk: empty folders, clips and key frames outside the frames present.
+    """Problems on disk: empty folders, clips and key frames outside the frames present, frame
+    numbers that several files carry (one is used: `numbered_frames`).
 
     A clip inside a longer recording (start/end frames) that runs past the frames present is cut to
     them, one that is not there at all is skipped; a key frame outside the frames present is ignored
@@ -663,18 +678,24 @@ def check_frames(t: pd.DataFrame, exts: Iterable[str], listing: dict[str, list[s
     listing it even once here."""
     issues = []
     listing = listing or {}
+    exts = list(exts)
     t["frame_files"] = None
     for i, r in t.iterrows():
         if not r["frames_dir"]:
             continue
-        frames = list_frames(r["frames_dir"], exts, listing.get(str(Path(r["frames_dir"]))))
+        names = listing.get(str(Path(r["frames_dir"])))
+        numbered, twice = _frame_files(r["frames_dir"], exts, names)
+        frames = [Path(r["frames_dir"]) / n for _, n in numbered]
         t.at[i, "frame_files"] = tuple(f.name for f in frames)
+        notes = []
+        if twice:
+            notes.append(f"{len(twice)} frame file(s) carry the number of another (e.g. {twice[0]}): one file per "
+                         f"frame number is used, the first of data.image_exts ({', '.join(exts)}), then by name")
         if not frames:
             issues.append(Issue("missing", r["split"], r["sample"], f"no image frames in {r['frames_dir']}"))
             t.at[i, "frames_dir"] = ""
             continue
         lo, hi = frame_number(frames[0]), frame_number(frames[-1])
-        notes = []
         start, end = r["start_frame"], r["end_frame"]
         if not pd.isna(start) and not pd.isna(end):
             if end < lo or start > hi:

@@ -1,6 +1,7 @@
 """Readers and validation on hand-made trees: every validation case feeds bad input and checks the message."""
 
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -42,6 +43,23 @@ def test_frames_sorted_by_number_not_text(tmp_path):
     frames = list_frames(tmp_path / "c")
     assert [frame_number(f) for f in frames] == list(range(1, 13))
     assert frame_number("img_0042.jpg") == 42 and frame_number("reg_img7.png") == 7
+
+
+def test_a_frame_number_carried_by_two_files_uses_one_and_warns(tiny_dfme):
+    """A clip folder converted in place (00001.png beside 00001.jpg): one file per frame number,
+    the first of data.image_exts, one warning naming the row; clips without twins are untouched."""
+    from mer.frames import FolderFrames
+
+    write_frames(tiny_dfme / "train_data" / "a_2", 6, ext=".jpg")  # a_2 holds 00001..00006.png already
+    ds = load(tiny_dfme)
+    t = ds.table.set_index("sample")
+    assert t.loc["a_2", "frame_files"] == tuple(f"{k:05d}.png" for k in range(1, 7))
+    assert messages(ds) == ["[warn] train/a_2: 6 frame file(s) carry the number of another (e.g. 00001.jpg): one file "
+                            "per frame number is used, the first of data.image_exts (.png, .jpg, .jpeg, .bmp, .tif, "
+                            ".tiff, .webp), then by name"]
+    frames = FolderFrames.of(tiny_dfme / "train_data" / "a_2", (".jpg", ".png"))  # preference as given
+    assert [os.path.basename(p) for p in frames.paths] == [f"{k:05d}.jpg" for k in range(1, 7)]
+    assert list(frames.numbers) == list(range(1, 7))
 
 
 @pytest.mark.parametrize("raw,name", [("Happy", "happiness"), ("HAPPINESS", "happiness"), ("sad", "sadness"),
