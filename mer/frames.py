@@ -65,12 +65,24 @@ class FolderFrames:
 
     def read(self, i: int, reduce: int = 1) -> np.ndarray | None:
         path = self.paths[i]
-        if reduce > 1 and path.lower().endswith((".jpg", ".jpeg")):
-            return cv2.imread(path, _REDUCED[min(reduce, 8)])
-        return cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        if not path.lower().endswith((".jpg", ".jpeg")):
+            return cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        try:
+            data = np.fromfile(path, np.uint8)
+        except OSError:  # gone since the folder was listed
+            return None
+        if not jpeg_is_complete(data):
+            return None  # cut short (an interrupted copy): libjpeg would grey out the rest and fake motion there
+        return cv2.imdecode(data, _REDUCED[min(reduce, 8)] if reduce > 1 else cv2.IMREAD_GRAYSCALE)
 
     def name(self, i: int) -> str:
         return os.path.basename(self.paths[i])
+
+
+def jpeg_is_complete(data: np.ndarray) -> bool:
+    """Whether JPEG bytes end with the end-of-image marker (FF D9), allowing a little padding after
+    it: a file cut short lacks it. (Inside the compressed data an FF byte is never followed by D9.)"""
+    return data[-64:].tobytes().rfind(b"\xff\xd9") >= 0
 
 
 def write_video_frames(video: str | Path, folder: str | Path, ext: str = ".png", digits: int = 5) -> tuple[int, float]:

@@ -179,7 +179,8 @@ class Extractor:
             img = frames.read(i, reduce)
             if img is None:
                 rec["unreadable"] += 1
-                log.warning("%s/%s: unreadable frame %s (skipped)", clip.split, clip.sample, frames.name(i))
+                log.warning("%s/%s: unreadable frame %s (undecodable or cut short: skipped)", clip.split, clip.sample,
+                            frames.name(i))
                 return None
             if not first and reduce == 1:
                 first.append(img.shape[:2])

@@ -99,26 +99,42 @@ def test_same_clip_at_200_and_500_fps_agrees_on_the_ms_grid(tmp_path):
         assert abs(a.max() - b.max()) < 0.25 * max(a.max(), b.max())
 
 
-@pytest.mark.parametrize("scale", [0.5, 1.25])
-def test_a_frame_of_another_size_is_skipped_and_named(tmp_path, caplog, scale):
-    """A stray frame of another size in a clip (re-saved, or from another export) is skipped with
-    a warning naming it, instead of being cropped where the face is not (a fake burst of motion
-    that also knocks the head fit off for the steps after it)."""
+def test_a_jpeg_is_complete_with_its_end_marker_even_padded():
+    from mer.frames import jpeg_is_complete
+
+    img = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (120, 160), np.uint8), (0, 0), 2)
+    data = cv2.imencode(".jpg", img)[1].ravel()
+    assert jpeg_is_complete(data) and jpeg_is_complete(np.concatenate([data, np.zeros(30, np.uint8)]))
+    assert not any(jpeg_is_complete(data[:n]) for n in range(len(data) // 10, len(data) - 1, 7))
+
+
+@pytest.mark.parametrize("damage", ["half size", "larger", "jpeg cut short"])
+def test_a_damaged_frame_is_skipped_and_named(tmp_path, caplog, damage):
+    """A stray frame of another size in a clip (re-saved, or from another export) or a JPEG cut
+    short (an interrupted copy, which libjpeg decodes with its missing part grey) is skipped with a
+    warning naming it, instead of faking a burst of motion that also knocks the head fit off for
+    the steps after it."""
     from mer.data import frame_number
 
-    clip, _ = render(tmp_path, [12], fps=200)
+    clip, _ = render(tmp_path, [12], fps=200, frame_format="jpg" if damage.startswith("jpeg") else "png")
     ex = Extractor(work_config(tmp_path))
     clean = ex.process(clip)
     number = int(clean["frame_numbers"][len(clean["frame_numbers"]) // 2])
     path = next(p for p in Path(clip.frames_dir).iterdir() if frame_number(p) == number)
     img = cv2.imread(str(path))
     h, w = img.shape[:2]
-    cv2.imwrite(str(path), cv2.resize(img, (round(w * scale), round(h * scale))))
+    if damage == "jpeg cut short":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) * 6 // 10])
+        said = f"unreadable frame {path.name} (undecodable or cut short: skipped)"
+    else:
+        scale = 0.5 if damage == "half size" else 1.25
+        cv2.imwrite(str(path), cv2.resize(img, (round(w * scale), round(h * scale))))
+        said = f"frame {path.name} is {round(w * scale)}x{round(h * scale)}, unlike the clip's first frame ({w}x{h}): skipped"
     with caplog.at_level("WARNING"):
         res = ex.process(clip)
     assert int(res["unreadable"]) == 1 and number not in res["frame_numbers"]
-    assert (f"frame {path.name} is {round(w * scale)}x{round(h * scale)}, unlike the clip's first frame ({w}x{h}): "
-            "skipped") in caplog.text
+    assert said in caplog.text
     keep = np.isin(clean["frame_numbers"], res["frame_numbers"])
     assert keep.sum() == len(clean["frame_numbers"]) - 1
     np.testing.assert_allclose(res["features"], clean["features"][keep], atol=0.01)  # the other steps as before
