@@ -71,7 +71,7 @@ class FolderFrames:
             data = np.fromfile(path, np.uint8)
         except OSError:  # gone since the folder was listed
             return None
-        if not jpeg_is_complete(data):
+        if data[:2].tobytes() == b"\xff\xd8" and not jpeg_is_complete(data):  # (decoded by content otherwise)
             return None  # cut short (an interrupted copy): libjpeg would grey out the rest and fake motion there
         return cv2.imdecode(data, _REDUCED[min(reduce, 8)] if reduce > 1 else cv2.IMREAD_GRAYSCALE)
 

@@ -108,6 +108,18 @@ def test_a_jpeg_is_complete_with_its_end_marker_even_padded():
     assert not any(jpeg_is_complete(data[:n]) for n in range(len(data) // 10, len(data) - 1, 7))
 
 
+def test_frames_are_decoded_by_content_whatever_their_extension(tmp_path):
+    """A PNG saved as .jpg (a careless export) still reads, at full and reduced size."""
+    from mer.frames import FolderFrames
+
+    img = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 255, (120, 160), np.uint8), (0, 0), 2)
+    cv2.imwrite(str(tmp_path / "00001.png"), img)
+    (tmp_path / "00001.png").rename(tmp_path / "00001.jpg")
+    frames = FolderFrames.of(tmp_path)
+    np.testing.assert_array_equal(frames.read(0), img)
+    assert frames.read(0, 2).shape == (60, 80)
+
+
 @pytest.mark.parametrize("damage", ["half size", "larger", "jpeg cut short"])
 def test_a_damaged_frame_is_skipped_and_named(tmp_path, caplog, damage):
     """A stray frame of another size in a clip (re-saved, or from another export) or a JPEG cut
