@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--deterministic", choices=["auto", "true", "false"],
                         help="deterministic kernels (bit-identical reruns and resumes): auto = on for the CPU, off "
                              "on CUDA (faster); shortcut for --set train.deterministic=")
-    parser.add_argument("--explain", metavar="SAMPLE", help="write the attention heatmap of one train clip")
+    parser.add_argument("--explain", metavar="SAMPLE", help="write the attention heatmap of one clip (train: its out-of-fold models; test: all models)")
     parser.add_argument("--out", help="where --explain writes its PNG")
     add_config_args(parser)
     args = parser.parse_args()
