@@ -80,9 +80,22 @@ class FolderFrames:
 
 
 def jpeg_is_complete(data: np.ndarray) -> bool:
-    """Whether JPEG bytes end with the end-of-image marker (FF D9), allowing a little padding after
-    it: a file cut short lacks it. (Inside the compressed data an FF byte is never followed by D9.)"""
-    return data[-64:].tobytes().rfind(b"\xff\xd9") >= 0
+    """Whether JPEG bytes hold the end-of-image marker (FF D9) after the image's first scan: a file
+    cut short lacks it (inside compressed data an FF byte is never followed by D9). Usually it ends
+    the file; otherwise (data appended after the image, as some cameras do) the header segments are
+    walked to the first scan, so that an embedded thumbnail's end marker does not count."""
+    if data[-64:].tobytes().find(b"\xff\xd9") >= 0:
+        return True
+    b = data.tobytes()
+    i = 2  # after the start-of-image marker
+    while i + 4 <= len(b) and b[i] == 0xFF:
+        if b[i + 1] == 0xFF:  # a fill byte
+            i += 1
+        elif b[i + 1] == 0xDA:  # start of scan: the compressed image follows
+            return b.find(b"\xff\xd9", i) >= 0
+        else:
+            i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    return False
 
 
 def write_video_frames(video: str | Path, folder: str | Path, ext: str = ".png", digits: int = 5) -> tuple[int, float]:

@@ -106,6 +106,13 @@ def test_a_jpeg_is_complete_with_its_end_marker_even_padded():
     data = cv2.imencode(".jpg", img)[1].ravel()
     assert jpeg_is_complete(data) and jpeg_is_complete(np.concatenate([data, np.zeros(30, np.uint8)]))
     assert not any(jpeg_is_complete(data[:n]) for n in range(len(data) // 10, len(data) - 1, 7))
+    trailer = np.frombuffer(b"\x00\x00MotionPhoto" * 300, np.uint8)  # data after the image (some cameras)
+    assert jpeg_is_complete(np.concatenate([data, trailer]))
+    thumb = cv2.imencode(".jpg", img[::4, ::4])[1].ravel().tobytes()  # its own end marker, in the header
+    app1 = b"\xff\xe1" + (len(thumb) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + thumb
+    with_thumb = np.frombuffer(data[:2].tobytes() + app1 + data[2:].tobytes(), np.uint8)
+    assert cv2.imdecode(with_thumb, cv2.IMREAD_GRAYSCALE).shape == img.shape and jpeg_is_complete(with_thumb)
+    assert not any(jpeg_is_complete(with_thumb[:n]) for n in range(len(app1) + 200, len(with_thumb) - 1, 97))
 
 
 def test_frames_are_decoded_by_content_whatever_their_extension(tmp_path):
