@@ -71,9 +71,13 @@ class FolderFrames:
             data = np.fromfile(path, np.uint8)
         except OSError:  # gone since the folder was listed
             return None
-        if data[:2].tobytes() == b"\xff\xd8" and not jpeg_is_complete(data):  # (decoded by content otherwise)
-            return None  # cut short (an interrupted copy): libjpeg would grey out the rest and fake motion there
-        return cv2.imdecode(data, _REDUCED[min(reduce, 8)] if reduce > 1 else cv2.IMREAD_GRAYSCALE)
+        is_jpeg = data[:2].tobytes() == b"\xff\xd8"  # by content: a .jpg may hold another format
+        if data.size == 0 or (is_jpeg and not jpeg_is_complete(data)):
+            return None  # empty, or cut short (an interrupted copy): libjpeg would grey out the rest
+        try:  # only libjpeg decodes reduced (ceil(size / reduce)); other content comes back whole
+            return cv2.imdecode(data, _REDUCED[min(reduce, 8)] if reduce > 1 and is_jpeg else cv2.IMREAD_GRAYSCALE)
+        except cv2.error:
+            return None
 
     def name(self, i: int) -> str:
         return os.path.basename(self.paths[i])

@@ -171,27 +171,36 @@ class Extractor:
     def _reader(clip: Clip, frames: FrameSource, rec: dict):
         """read(i, reduce=1): frame i in grey (see FrameSource.read), counted. An undecodable frame,
         or one whose size differs from the clip's first frame read (a stray or re-saved file: its
-        crop would put the face elsewhere and fake a burst of motion), is logged and skipped (None)."""
-        first: list[tuple[int, int]] = []  # (h, w) of the first frame read at full size: the reference
+        crop would put the face elsewhere and fake a burst of motion), is logged and skipped (None).
+        At each `reduce` the first frame read (the reference) sets the size the others must have: a
+        JPEG twice the size decoded at 1/2 would otherwise pass for a full-size frame."""
+        sizes: dict[int, tuple[int, int]] = {}  # reduce -> (h, w) every frame read so must have
 
         def read(i: int, reduce: int = 1) -> np.ndarray | None:
             rec["frames_read"] += 1
             img = frames.read(i, reduce)
             if img is None:
                 rec["unreadable"] += 1
-                log.warning("%s/%s: unreadable frame %s (undecodable or cut short: skipped)", clip.split, clip.sample,
-                            frames.name(i))
+                log.warning("%s/%s: unreadable frame %s (undecodable or cut short: skipped; replace it to use it)",
+                            clip.split, clip.sample, frames.name(i))
                 return None
-            if not first and reduce == 1:
-                first.append(img.shape[:2])
-            elif first and img.shape[:2] not in (first[0], tuple(-(-n // reduce) for n in first[0])):
-                rec["unreadable"] += 1  # (a JPEG decoded reduced is ceil(size / reduce))
-                h, w = img.shape[:2]
-                log.warning("%s/%s: frame %s is %dx%d%s, unlike the clip's first frame (%dx%d): skipped", clip.split,
-                            clip.sample, frames.name(i), w, h, f" at 1/{reduce} scale" if reduce > 1 else "",
-                            first[0][1], first[0][0])
+            shape, full = img.shape[:2], sizes.get(1)
+            if reduce in sizes:
+                fits = shape == sizes[reduce]
+            else:  # decoded whole (PNG) or reduced by libjpeg: ceil(size / reduce)
+                fits = full is None or shape in (full, tuple(-(-n // reduce) for n in full))
+                if fits:
+                    sizes[reduce] = shape
+            if not fits:
+                rec["unreadable"] += 1
+                read.other_size += 1
+                (h, w), (h0, w0) = shape, full or sizes[reduce]
+                log.warning("%s/%s: frame %s is %dx%d%s, unlike the clip's first frame (%dx%d): skipped (replace "
+                            "it to use it)", clip.split, clip.sample, frames.name(i), w, h,
+                            f" at 1/{reduce} scale" if reduce > 1 else "", w0, h0)
                 return None
             return img
+        read.other_size = 0  # frames skipped for their size (said when too few are left)
         return read
 
     @staticmethod
@@ -323,7 +332,10 @@ class Extractor:
                 track.offset = track.offset + g
                 rec["reanchors"] += 1
         if len(track.feats) < 2:
-            raise ClipError("fewer than 2 readable frames on the time grid")
+            odd = getattr(read, "other_size", 0)
+            raise ClipError("fewer than 2 readable frames on the time grid" + (
+                f" ({odd} of another size than the first frame: if the first frame is the odd one, replace it)"
+                if odd else ""))
         self._apex_flows(track, face.unit, clip.apex)
         return track
 

@@ -56,7 +56,7 @@ def test_a_frame_number_carried_by_two_files_uses_one_and_warns(tiny_dfme):
     assert t.loc["a_2", "frame_files"] == tuple(f"{k:05d}.png" for k in range(1, 7))
     assert messages(ds) == ["[warn] train/a_2: 6 frame file(s) carry the number of another (e.g. 00001.jpg): one file "
                             "per frame number is used, the first of data.image_exts (.png, .jpg, .jpeg, .bmp, .tif, "
-                            ".tiff, .webp), then by name"]
+                            ".tiff, .webp), then by name (move the others out of the folder to silence this)"]
     frames = FolderFrames.of(tiny_dfme / "train_data" / "a_2", (".jpg", ".png"))  # preference as given
     assert [os.path.basename(p) for p in frames.paths] == [f"{k:05d}.jpg" for k in range(1, 7)]
     assert list(frames.numbers) == list(range(1, 7))

@@ -116,15 +116,18 @@ def test_a_jpeg_is_complete_with_its_end_marker_even_padded():
 
 
 def test_frames_are_decoded_by_content_whatever_their_extension(tmp_path):
-    """A PNG saved as .jpg (a careless export) still reads, at full and reduced size."""
+    """A PNG saved as .jpg (a careless export) still reads, whole even where a JPEG would be
+    decoded reduced (its size need not divide: libjpeg's ceil(size / 2) is not a resize's)."""
     from mer.frames import FolderFrames
 
-    img = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 255, (120, 160), np.uint8), (0, 0), 2)
+    img = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 255, (121, 161), np.uint8), (0, 0), 2)
     cv2.imwrite(str(tmp_path / "00001.png"), img)
     (tmp_path / "00001.png").rename(tmp_path / "00001.jpg")
     frames = FolderFrames.of(tmp_path)
     np.testing.assert_array_equal(frames.read(0), img)
-    assert frames.read(0, 2).shape == (60, 80)
+    np.testing.assert_array_equal(frames.read(0, 2), img)  # only libjpeg decodes reduced: the rest comes whole
+    (tmp_path / "00002.jpg").write_bytes(b"")  # an empty file: unreadable, not an exception
+    assert FolderFrames.of(tmp_path).read(1) is None
 
 
 @pytest.mark.parametrize("damage", ["half size", "larger", "jpeg cut short"])
@@ -145,11 +148,12 @@ def test_a_damaged_frame_is_skipped_and_named(tmp_path, caplog, damage):
     if damage == "jpeg cut short":
         data = path.read_bytes()
         path.write_bytes(data[: len(data) * 6 // 10])
-        said = f"unreadable frame {path.name} (undecodable or cut short: skipped)"
+        said = f"unreadable frame {path.name} (undecodable or cut short: skipped; replace it to use it)"
     else:
         scale = 0.5 if damage == "half size" else 1.25
         cv2.imwrite(str(path), cv2.resize(img, (round(w * scale), round(h * scale))))
-        said = f"frame {path.name} is {round(w * scale)}x{round(h * scale)}, unlike the clip's first frame ({w}x{h}): skipped"
+        said = (f"frame {path.name} is {round(w * scale)}x{round(h * scale)}, unlike the clip's first frame ({w}x{h}): "
+                "skipped (replace it to use it)")
     with caplog.at_level("WARNING"):
         res = ex.process(clip)
     assert int(res["unreadable"]) == 1 and number not in res["frame_numbers"]
@@ -157,6 +161,32 @@ def test_a_damaged_frame_is_skipped_and_named(tmp_path, caplog, damage):
     keep = np.isin(clean["frame_numbers"], res["frame_numbers"])
     assert keep.sum() == len(clean["frame_numbers"]) - 1
     np.testing.assert_allclose(res["features"], clean["features"][keep], atol=0.01)  # the other steps as before
+
+
+def test_a_jpeg_twice_the_size_is_not_taken_for_a_full_size_frame(tmp_path, caplog):
+    """Frames decoded at 1/2 (the crop shrinks the face 2x or more): a stray JPEG of twice the size
+    comes back at the clip's full size and must still be refused; a first frame of another size
+    fails the clip with a reason that says so."""
+    from mer.data import frame_number
+    from mer.preprocessing import ClipError
+
+    clip, _ = render(tmp_path, [12], fps=200, frame_format="jpg")
+    paths = sorted(Path(clip.frames_dir).iterdir(), key=frame_number)
+    for p in paths:  # 1280x960: a big face, so frames are decoded at 1/2
+        cv2.imwrite(str(p), cv2.resize(cv2.imread(str(p)), (1280, 960)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    ex = Extractor(work_config(tmp_path))
+    clean = ex.process(clip)
+    number = int(clean["frame_numbers"][len(clean["frame_numbers"]) // 2])
+    path = next(p for p in paths if frame_number(p) == number)
+    cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (2560, 1920)))
+    with caplog.at_level("WARNING"):
+        res = ex.process(clip)
+    assert int(res["unreadable"]) == 1 and number not in res["frame_numbers"]
+    assert f"frame {path.name} is 1280x960 at 1/2 scale, unlike the clip's first frame (1280x960)" in caplog.text
+    cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (1280, 960)))
+    cv2.imwrite(str(paths[0]), cv2.resize(cv2.imread(str(paths[0])), (2560, 1920)))  # now the first frame is odd
+    with pytest.raises(ClipError, match="of another size than the first frame: if the first frame is the odd one"):
+        ex.process(clip)
 
 
 def test_a_clip_cut_at_max_ms_is_a_warning_and_a_manifest_column(tmp_path, caplog):
