@@ -690,8 +690,8 @@ def check_frames(t: pd.DataFrame, exts: Iterable[str], listing: dict[str, list[s
         notes = []
         if twice:
             notes.append(f"{len(twice)} frame file(s) carry the number of another (e.g. {twice[0]}): one file per "
-                         f"frame number is used, the first of data.image_exts ({', '.join(exts)}), then by name (move the others "
-                         "out of the folder to silence this)")
+                         f"frame number is used, the first of data.image_exts ({', '.join(exts)}), then by name "
+                         "(move the others out of the folder to silence this)")
         if not frames:
             issues.append(Issue("missing", r["split"], r["sample"], f"no image frames in {r['frames_dir']}"))
             t.at[i, "frames_dir"] = ""

@@ -71,12 +71,16 @@ class Face:
     shape: tuple
 
 
+BLANK_CONTRAST = 0.1  # a face crop with less than this share of the reference's contrast is a dropped frame
+
+
 @dataclass
 class Track:
     """What the flow loop gathers: per-step features, times, frame numbers, head motion, total ROI
     motion and flow (kept until the onset-apex frames are chosen); the crop's re-anchoring."""
 
     ref: np.ndarray
+    contrast: float = 0.0  # the reference crop's grey-level std: a crop with a tenth of it is blank
     feats: list = field(default_factory=list)
     times: list = field(default_factory=list)
     numbers: list = field(default_factory=list)
@@ -288,9 +292,16 @@ class Extractor:
                     HeadMotion(p["head_motion"], crop_lm, layout.nose, fsize),
                     Cropper(m, fsize, ref_img.shape, margin=0.1 * fsize, blur=p.get("flow_blur", 0.0)), ref_img.shape)
 
-    def _flow_at(self, ref: np.ndarray, img: np.ndarray, face: "Face", offset: np.ndarray) -> tuple[np.ndarray, Motion]:
-        """Flow from the reference crop to this frame's crop, and the head's motion in it."""
-        flow = self._flow(ref, face.crop(img, face.shape, offset))
+    def _flow_at(self, track: "Track", img: np.ndarray, face: "Face", offset: np.ndarray,
+                 name: str) -> tuple[np.ndarray, Motion] | None:
+        """Flow from the reference crop to this frame's crop, and the head's motion in it; None for a
+        blank crop (a dropped black or white frame: almost none of the reference's contrast, so its
+        flow would be noise and its head fit would throw the next steps off), logged as `name`."""
+        cur = face.crop(img, face.shape, offset)
+        if float(cur[::4, ::4].std()) < BLANK_CONTRAST * track.contrast:
+            log.warning("%s is blank (almost no contrast in the face crop: a dropped frame?): skipped", name)
+            return None
+        flow = self._flow(track.ref, cur)
         return flow, face.head(flow)
 
     @staticmethod
@@ -311,14 +322,19 @@ class Extractor:
         ref = face.crop(small, face.shape)
         pos, times = grid_frames(frames.numbers[ref_pos:], clip.fps, p["grid_ms"], p["max_ms"])
         pos = pos + ref_pos
-        track = Track(ref)
+        track = Track(ref, contrast=float(ref[::4, ::4].std()))
         reanchor = p["reanchor_px"] * fsize / p["crop_size"]
         rec["reanchors"] = 0
         for i, t in zip(pos, times):
             img = small if i == ref_pos else read(i, factor)
             if img is None:
                 continue
-            flow, head = self._flow_at(ref, img, face, track.offset)
+            step = self._flow_at(track, img, face, track.offset,
+                                 f"{clip.split}/{clip.sample}: frame {frames.name(i)}")
+            if step is None:
+                rec["unreadable"] += 1
+                continue
+            flow, head = step
             g = head.summary[:2]
             f = pool(flow, head)
             track.feats.append(f)
@@ -409,7 +425,9 @@ class Extractor:
             if flow is None and len(hit) and (img := read(int(hit[0]), face.crop.factor)) is not None:
                 later = int(np.searchsorted(track.numbers, clip.apex))  # off the grid: the next step's crop
                 offset = track.offsets[later] if later < len(track.offsets) else track.offset
-                flow = self._head_free(*self._flow_at(track.ref, img, face, offset))
+                step = self._flow_at(track, img, face, offset,
+                                     f"{clip.split}/{clip.sample}: frame {frames.name(int(hit[0]))}")
+                flow = None if step is None else self._head_free(*step)
             if flow is not None:
                 out["apex_map_annotated"] = self._apex_map(flow, unit, p["apex_size"])
                 apex_annotated = int(clip.apex)

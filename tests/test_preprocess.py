@@ -130,12 +130,12 @@ def test_frames_are_decoded_by_content_whatever_their_extension(tmp_path):
     assert FolderFrames.of(tmp_path).read(1) is None
 
 
-@pytest.mark.parametrize("damage", ["half size", "larger", "jpeg cut short"])
+@pytest.mark.parametrize("damage", ["half size", "larger", "jpeg cut short", "black", "white"])
 def test_a_damaged_frame_is_skipped_and_named(tmp_path, caplog, damage):
-    """A stray frame of another size in a clip (re-saved, or from another export) or a JPEG cut
-    short (an interrupted copy, which libjpeg decodes with its missing part grey) is skipped with a
-    warning naming it, instead of faking a burst of motion that also knocks the head fit off for
-    the steps after it."""
+    """A stray frame of another size in a clip (re-saved, or from another export), a JPEG cut short
+    (an interrupted copy, which libjpeg decodes with its missing part grey) or a dropped (black or
+    white) frame is skipped with a warning naming it, instead of faking a burst of motion that also
+    knocks the head fit off for the steps after it."""
     from mer.data import frame_number
 
     clip, _ = render(tmp_path, [12], fps=200, frame_format="jpg" if damage.startswith("jpeg") else "png")
@@ -149,6 +149,9 @@ def test_a_damaged_frame_is_skipped_and_named(tmp_path, caplog, damage):
         data = path.read_bytes()
         path.write_bytes(data[: len(data) * 6 // 10])
         said = f"unreadable frame {path.name} (undecodable or cut short: skipped; replace it to use it)"
+    elif damage in ("black", "white"):  # a dropped frame
+        cv2.imwrite(str(path), np.full_like(img, 0 if damage == "black" else 255))
+        said = f"frame {path.name} is blank (almost no contrast in the face crop: a dropped frame?): skipped"
     else:
         scale = 0.5 if damage == "half size" else 1.25
         cv2.imwrite(str(path), cv2.resize(img, (round(w * scale), round(h * scale))))
@@ -751,7 +754,8 @@ def test_every_apex_choice_gets_its_own_steps_flow_without_a_second_decode(tmp_p
     chosen = {mode: number for mode, (number, _) in track.apexes.items()}
     assert len(set(chosen.values())) >= 2, chosen  # the blink's frame and the AU's
     for mode, (number, flow) in track.apexes.items():
-        fresh = ex._head_free(*ex._flow_at(track.ref, read(list(frames.numbers).index(number)), face, np.zeros(2)))
+        img = read(list(frames.numbers).index(number))
+        fresh = ex._head_free(*ex._flow_at(track, img, face, np.zeros(2), f"frame {number}"))
         np.testing.assert_allclose(flow, fresh, atol=0.01, err_msg=mode)
         for other, (n2, flow2) in track.apexes.items():  # a mix-up of two steps would show
             assert n2 == number or np.abs(flow - flow2).max() > 0.1, (mode, other)
