@@ -73,6 +73,8 @@ ROWS: tuple[Row, ...] = (
     Row("farneback_iters_3",
         "Farneback with 3 iterations per level (the default before 2; ~25% more CPU per flow call)",
         ("preprocess.farneback_iters=3",)),
+    Row("match_gain", "each face crop's mean grey level scaled to the reference crop's before the flow (flicker, "
+                      "exposure drift)", ("preprocess.match_gain=true",)),
     Row("flow_blur_0", "crops not blurred before the flow (a face filmed at the crop's size then gets no low-pass)",
         ("preprocess.flow_blur=0",)),
     Row("head_nose", "head motion: nose-ridge translation (the reference method)", ("preprocess.head_motion=nose",)),

@@ -34,7 +34,7 @@ MANIFEST_COLUMNS = ["split", "row", "sample", "subject", "label", "status", "rea
 NOT_IN_KEY = {"cache_dir", "fan_worker_mb"}  # preprocess settings that say where or how fast, not what
 # Settings added later: at the value the code used before they existed, they leave the key (and
 # older caches) as it was.
-ADDED_LATER = {"flow_blur": 0.0, "farneback_levels": 3, "farneback_iters": 3}
+ADDED_LATER = {"flow_blur": 0.0, "farneback_levels": 3, "farneback_iters": 3, "match_gain": False}
 
 
 def feature_settings(cfg: dict) -> dict:

@@ -81,6 +81,7 @@ class Track:
 
     ref: np.ndarray
     contrast: float = 0.0  # the reference crop's grey-level std: a crop with a tenth of it is blank
+    brightness: float = 0.0  # the reference crop's mean grey level (preprocess.match_gain)
     feats: list = field(default_factory=list)
     times: list = field(default_factory=list)
     numbers: list = field(default_factory=list)
@@ -109,6 +110,7 @@ class Extractor:
         self.specs = roi_specs(p["rois"])
         self.channels = tuple(p["channels"])
         self._flow = flow_from_config(p)
+        self.match_gain = bool(p.get("match_gain", False))
         if p["apex_frame"] not in APEX_FRAMES:
             raise ValueError(f"preprocess.apex_frame must be one of {', '.join(APEX_FRAMES)}, "
                              f"got '{p['apex_frame']}'")
@@ -298,9 +300,12 @@ class Extractor:
         blank crop (a dropped black or white frame: almost none of the reference's contrast, so its
         flow would be noise and its head fit would throw the next steps off), logged as `name`."""
         cur = face.crop(img, face.shape, offset)
-        if float(cur[::4, ::4].std()) < BLANK_CONTRAST * track.contrast:
+        sample = cur[::4, ::4]
+        if float(sample.std()) < BLANK_CONTRAST * track.contrast:
             log.warning("%s is blank (almost no contrast in the face crop: a dropped frame?): skipped", name)
             return None
+        if self.match_gain:  # the reference's mean grey level: flicker and exposure drift are a gain
+            cur = cv2.convertScaleAbs(cur, alpha=track.brightness / max(float(sample.mean()), 1.0))
         flow = self._flow(track.ref, cur)
         return flow, face.head(flow)
 
@@ -322,7 +327,7 @@ class Extractor:
         ref = face.crop(small, face.shape)
         pos, times = grid_frames(frames.numbers[ref_pos:], clip.fps, p["grid_ms"], p["max_ms"])
         pos = pos + ref_pos
-        track = Track(ref, contrast=float(ref[::4, ::4].std()))
+        track = Track(ref, contrast=float(ref[::4, ::4].std()), brightness=float(ref[::4, ::4].mean()))
         reanchor = p["reanchor_px"] * fsize / p["crop_size"]
         rec["reanchors"] = 0
         for i, t in zip(pos, times):

@@ -248,14 +248,14 @@ def test_changing_a_setting_changes_the_cache_key(tmp_path):
     key = C.cache_key(base)
     for k, v in [("flow", "dis"), ("grid_ms", 10.0), ("top_frac", 0.3), ("crop_size", 192),
                  ("rois", [{"name": "a", "landmarks": [48]}, {"name": "b", "landmarks": [54]}]), ("flow_blur", 0.0),
-                 ("farneback_iters", 3), ("farneback_levels", 1)]:
+                 ("farneback_iters", 3), ("farneback_levels", 1), ("match_gain", True)]:
         cfg = work_config(tmp_path)
         cfg["preprocess"][k] = v
         assert C.cache_key(cfg) != key, k
     cfg = work_config(tmp_path / "elsewhere")
     assert C.cache_key(cfg) == key  # where the cache lives is not a setting of the tensors
     # settings added later, at the values the code used before they existed: a cache made then keeps its key
-    earlier = {"flow_blur": 0.0, "farneback_iters": 3, "farneback_levels": 3}
+    earlier = {"flow_blur": 0.0, "farneback_iters": 3, "farneback_levels": 3, "match_gain": False}
     before = C.cache_key(work_config(tmp_path, **{f"preprocess.{k}": v for k, v in earlier.items()}))
     for k in earlier:
         del cfg["preprocess"][k]
