@@ -166,6 +166,30 @@ def test_a_damaged_frame_is_skipped_and_named(tmp_path, caplog, damage):
     np.testing.assert_allclose(res["features"], clean["features"][keep], atol=0.01)  # the other steps as before
 
 
+def test_match_gain_takes_a_flicker_out_of_the_motion(tmp_path):
+    """A frame 10% darker than the others (a flicker trough, an exposure step) reads as motion in
+    the ROIs; with preprocess.match_gain its crop is brought to the reference's mean grey level
+    first, and the step reads (nearly) what it reads unflickered. (A brighter frame whose
+    highlights clip at 255 cannot be undone that way.)"""
+    from mer.data import frame_number
+
+    clip, _ = render(tmp_path, [12], fps=200)
+    paths = {frame_number(p): p for p in Path(clip.frames_dir).iterdir()}
+    runs = {}
+    for gain in (False, True):
+        ex = Extractor(work_config(tmp_path, **{"preprocess.match_gain": gain}))
+        clean = ex.process(clip)
+        number = int(clean["frame_numbers"][len(clean["frame_numbers"]) // 2])
+        original = paths[number].read_bytes()
+        img = cv2.imread(str(paths[number]))
+        cv2.imwrite(str(paths[number]), (img * 0.9).astype(np.uint8))
+        flickered = ex.process(clip)
+        paths[number].write_bytes(original)
+        step = list(clean["frame_numbers"]).index(number)
+        runs[gain] = np.abs(flickered["features"][step] - clean["features"][step])[:, :2].max()  # u, v
+    assert runs[False] > 0.3 and runs[True] < 0.5 * runs[False], runs
+
+
 def test_a_jpeg_twice_the_size_is_not_taken_for_a_full_size_frame(tmp_path, caplog):
     """Frames decoded at 1/2 (the crop shrinks the face 2x or more): a stray JPEG of twice the size
     comes back at the clip's full size and must still be refused; a first frame of another size
